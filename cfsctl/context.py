@@ -1,0 +1,81 @@
+"""Per-invocation state of cfsctl: global options, the daemon connection, the handle."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from cfsctl.client import Client, open_client
+
+SYSTEM_REPO = "/sysroot/composefs"
+
+
+class UsageError(Exception):
+    """A command-line mistake (exit status 2)."""
+
+
+class CommandError(Exception):
+    """An operation failed (exit status 1) with a one-line message."""
+
+
+def repo_path(args: argparse.Namespace) -> str:
+    """The repository selected by --repo/--user/--system (default by uid), absolute."""
+    if args.repo:
+        return os.path.abspath(args.repo)
+    if args.system or (not args.user and os.geteuid() == 0):
+        return SYSTEM_REPO
+    home = os.environ.get("HOME")
+    if not home:
+        raise CommandError("$HOME is not set (needed for the user repository)")
+    return os.path.join(home, ".var/lib/composefs")
+
+
+class Context:
+    """Lazily connects to cfsd and opens the selected repository."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self._client: Client | None = None
+        self._handle: int | None = None
+        self.hash_algorithm: str | None = None
+
+    def daemon_args(self) -> list[str]:
+        """Flags an embedded daemon gets from the global options."""
+        a = self.args
+        return [f for f, on in (("--insecure", a.insecure),
+                                ("--require-verity", a.require_verity),
+                                ("--no-upgrade", a.no_upgrade)) if on]
+
+    @property
+    def client(self) -> Client:
+        """The daemon connection."""
+        if self._client is None:
+            self._client = open_client(self.args.address, self.daemon_args())
+        return self._client
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        """One call on the daemon connection."""
+        return self.client.call(method, params)
+
+    @property
+    def handle(self) -> int:
+        """Handle of the selected repository (opened on first use)."""
+        if self._handle is None:
+            a = self.args
+            reply = self.call("org.composefs.Repository.OpenRepository", path=repo_path(a),
+                              insecure=a.insecure or None,
+                              require_verity=a.require_verity or None,
+                              no_upgrade=a.no_upgrade or None)
+            self._handle = reply["handle"]
+            self.hash_algorithm = reply.get("hash_algorithm")
+            if a.hash and self.hash_algorithm and a.hash != self.hash_algorithm:
+                raise CommandError(f"repository is configured for {self.hash_algorithm} "
+                                   f"(from meta.json) but --hash {a.hash} was specified")
+        return self._handle
+
+    def close(self) -> None:
+        """Drop the connection (handles die with it)."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None

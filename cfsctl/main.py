@@ -1,0 +1,67 @@
+"""cfsctl: the command-line client of cfsd (every command is a varlink call)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from cfsctl.client import CallError, ConnectError
+from cfsctl.commands import oci, repo
+from cfsctl.context import CommandError, Context, UsageError
+
+VERSION = "0.1.0"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command tree."""
+    p = argparse.ArgumentParser(prog="cfsctl", description="composefs repository client")
+    sel = p.add_mutually_exclusive_group()
+    sel.add_argument("--repo", metavar="PATH", help="repository path")
+    sel.add_argument("--user", action="store_true", help="$HOME/.var/lib/composefs")
+    sel.add_argument("--system", action="store_true", help="/sysroot/composefs")
+    p.add_argument("--address", help="cfsd socket (unix:PATH; default $CFSD_ADDRESS, the "
+                                     "standard sockets, else a private daemon)")
+    p.add_argument("--json", action="store_true", help="print varlink replies as JSON")
+    p.add_argument("--hash", choices=("sha256", "sha512"))
+    p.add_argument("--erofs-version", type=int, choices=(0, 1, 2))
+    p.add_argument("--insecure", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--require-verity", action="store_true")
+    p.add_argument("--no-upgrade", action="store_true")
+    p.add_argument("--version", action="version", version=f"cfsctl {VERSION}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    repo.register(sub)
+    oci.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point (also reachable as ``mkcomposefs`` by argv[0], later)."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    ctx = Context(args)
+    try:
+        return int(args.func(ctx, args) or 0)
+    except UsageError as e:
+        parser.print_usage(sys.stderr)
+        print(f"cfsctl: error: {e}", file=sys.stderr)
+        return 2
+    except CallError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 2 if e.name.endswith(".InvalidParameter") else 1
+    except (CommandError, ConnectError) as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
+    except (OSError, ConnectionError) as e:
+        print(f"Error: {e.strerror or e}" if isinstance(e, OSError) else f"Error: {e}",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        ctx.close()

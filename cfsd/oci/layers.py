@@ -1,0 +1,84 @@
+"""Importing a layer tar into the repository as ``oci-layer-<diff_id>`` (storage.md 4.1, 5).
+
+The tar is hashed while it is split; objects go to a staging area and the stream is
+published only when the whole tar parsed and its digest equals the expected diff_id, so a
+bad or truncated input leaves the repository unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cfsd.core.errors import RepositoryError
+from cfsd.core.repository import Repository
+from cfsd.core.splitstream import TAR_LAYER
+from cfsd.core.tar import Reader, split_tar
+from cfsd.oci.digest import Digest
+from cfsd.oci.stats import ImportStats
+
+LAYER_PREFIX = "oci-layer-"
+
+
+class DiffIdMismatch(RepositoryError):
+    """The layer content does not hash to the expected diff_id."""
+
+    def __init__(self, expected: str, actual: str) -> None:
+        super().__init__(f"layer digest mismatch: expected {expected}, got {actual}")
+        self.expected = expected
+        self.actual = actual
+
+
+def layer_stream_id(diff_id: Digest | str) -> str:
+    """Content id of a layer splitstream."""
+    return f"{LAYER_PREFIX}{diff_id}"
+
+
+class _HashingReader:
+    """Pass-through reader that hashes (and counts) what it reads."""
+
+    def __init__(self, src: Reader, digest: Digest) -> None:
+        self.src = src
+        self.hash = digest.hasher()
+        self.size = 0
+
+    def read(self, n: int = -1, /) -> bytes:
+        data = self.src.read(n)
+        self.hash.update(data)
+        self.size += len(data)
+        return data
+
+
+@dataclass
+class LayerResult:
+    """Outcome of a layer import."""
+
+    verity: bytes
+    already_present: bool
+    stats: ImportStats
+    size: int = 0
+
+
+def import_layer(repo: Repository, src: Reader, diff_id: str,
+                 name: str | None = None) -> LayerResult:
+    """Split the uncompressed tar read from *src* into ``oci-layer-<diff_id>``."""
+    digest = Digest.parse(diff_id)
+    content_id = layer_stream_id(digest)
+    existing = repo.has_stream(content_id)
+    if existing is not None and repo.has_object(existing):
+        if name is not None:
+            repo.name_stream(content_id, name)
+        return LayerResult(existing, True, ImportStats(layers=1, layers_already_present=1))
+    reader = _HashingReader(src, digest)
+    with repo.staging() as staging:
+        writer = repo.create_stream(TAR_LAYER, staging)
+        split_tar(reader, writer)
+        actual = reader.hash.hexdigest()
+        if actual != digest.hex:
+            raise DiffIdMismatch(str(digest), f"{digest.algorithm}:{actual}")
+        verity = writer.done()
+        staging.commit()
+    repo.register_stream(content_id, verity, name)
+    stats = ImportStats(layers=1, objects_copied=writer.new_objects,
+                        objects_already_present=writer.present_objects,
+                        bytes_copied=writer.new_bytes, bytes_inlined=writer.inline_bytes)
+    return LayerResult(verity, False, stats, reader.size)

@@ -1,0 +1,49 @@
+"""Mapping of library exceptions to the typed varlink errors of our interfaces."""
+
+from __future__ import annotations
+
+from cfsd.core.errors import (
+    AlreadyInitialized,
+    FormatError,
+    InvalidName,
+    NotWritable,
+    RepoNotFound,
+    RepositoryError,
+)
+from cfsd.oci.digest import InvalidDigest
+from cfsd.oci.layers import DiffIdMismatch
+from cfsd.service.auth import PermissionDenied
+from cfsd.service.binding import VarlinkError
+
+REPOSITORY = "org.composefs.Repository"
+OCI = "org.composefs.Oci"
+
+
+def map_error(iface: str, e: Exception) -> VarlinkError | None:
+    """The typed error for *e* in interface *iface*, or None for an internal error."""
+    def err(name: str, **params: object) -> VarlinkError:
+        return VarlinkError(f"{iface}.{name}", params)
+
+    if isinstance(e, PermissionDenied | PermissionError):
+        return err("PermissionDenied", message=str(e))
+    if isinstance(e, RepoNotFound):
+        return err("RepoNotFound", message=str(e))
+    if isinstance(e, InvalidDigest):
+        if iface == OCI:
+            return err("InvalidDigest", message=str(e))
+        return err("InvalidSpec", message=str(e))
+    if isinstance(e, DiffIdMismatch):
+        if iface == OCI:
+            return err("DiffIdMismatch", expected=e.expected, actual=e.actual)
+        return err("InvalidData", message=str(e))
+    if isinstance(e, InvalidName):
+        return err("InvalidSpec" if iface == REPOSITORY else "InvalidRequest", message=str(e))
+    if isinstance(e, FormatError):
+        return err("InvalidData", message=str(e))
+    if isinstance(e, TimeoutError):
+        return err("Busy", message=str(e) or "repository is busy")
+    if isinstance(e, AlreadyInitialized | NotWritable | RepositoryError):
+        return err("InternalError", message=str(e))
+    if isinstance(e, OSError):
+        return err("InternalError", message=f"{e.strerror or e}")
+    return None

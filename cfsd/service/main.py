@@ -1,0 +1,145 @@
+"""The cfsd daemon: socket setup (bound, socket-activated or one connection), logging, signals."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import resource
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+
+from cfsd import __version__
+from cfsd.service.binding import Server, Service, bind_unix, is_listening, listen_fds
+from cfsd.service.errors import map_error
+from cfsd.service.oci_api import OciAPI
+from cfsd.service.repository_api import RepositoryAPI
+from cfsd.service.state import Defaults, State
+
+log = logging.getLogger("cfsd")
+INTERFACES = ("org.composefs.Repository", "org.composefs.Oci")
+_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6,
+             logging.DEBUG: 7}
+
+
+def interface_dir() -> Path:
+    """Where the .varlink files are: $CFSD_INTERFACES, the source tree, or share/cfsd."""
+    env = os.environ.get("CFSD_INTERFACES")
+    candidates = [Path(env)] if env else []
+    candidates += [Path(__file__).resolve().parents[2] / "interfaces",
+                   Path(sys.prefix) / "share/cfsd/interfaces"]
+    for c in candidates:
+        if (c / f"{INTERFACES[0]}.varlink").is_file():
+            return c
+    raise FileNotFoundError("cannot find the cfsd interfaces/ directory (set CFSD_INTERFACES)")
+
+
+class JournalFormatter(logging.Formatter):
+    """``<priority>message`` lines, as systemd-journald parses them from stderr."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{_PRIORITY.get(record.levelno, 6)}>{record.name}: {super().format(record)}"
+
+
+def build_service(state: State) -> Service:
+    """The varlink service with both composefs interfaces."""
+    service = Service(vendor="org.composefs", product="cfsd", version=__version__,
+                      url="https://github.com/composefs/composefs")
+    d = interface_dir()
+    impls = {"org.composefs.Repository": RepositoryAPI(state),
+             "org.composefs.Oci": OciAPI(state)}
+    for name in INTERFACES:
+        service.add_interface((d / f"{name}.varlink").read_text(encoding="utf-8"),
+                              impls[name], map_error)
+    return service
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(prog="cfsd", description="composefs repository daemon (varlink)")
+    p.add_argument("--address", help="listen on unix:PATH (default: socket activation)")
+    p.add_argument("--socket-mode", type=lambda s: int(s, 8), default=None,
+                   help="mode of a bound socket (default 0660 as root, 0600 otherwise)")
+    p.add_argument("--connection-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--insecure", action="store_true", help="do not require fs-verity")
+    p.add_argument("--require-verity", action="store_true",
+                   help="refuse repositories without fs-verity")
+    p.add_argument("--no-upgrade", action="store_true",
+                   help="do not upgrade repositories without meta.json")
+    p.add_argument("--log-level", default=os.environ.get("CFSD_LOG_LEVEL", "info"))
+    p.add_argument("--version", action="version", version=f"cfsd {__version__}")
+    return p.parse_args(argv)
+
+
+def _raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the daemon until SIGTERM (or until its single connection closes)."""
+    args = parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JournalFormatter("%(message)s"))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+    _raise_fd_limit()
+    state = State(Defaults(args.insecure, args.require_verity, args.no_upgrade))
+    try:
+        service = build_service(state)
+    except (OSError, SyntaxError) as e:
+        log.error("cannot load interfaces: %s", e)
+        return 1
+    server = Server(service)
+
+    if args.connection_fd is not None:
+        sock = socket.socket(fileno=args.connection_fd)
+        try:
+            server.serve_connection(sock)
+        finally:
+            state.close_all()
+        return 0
+
+    listeners: list[socket.socket] = []
+    for s in listen_fds():
+        if is_listening(s):
+            listeners.append(s)
+        else:
+            threading.Thread(target=server.serve_connection, args=(s,), daemon=True).start()
+    if args.address:
+        path = args.address.removeprefix("unix:")
+        mode = args.socket_mode if args.socket_mode is not None else (
+            0o660 if os.geteuid() == 0 else 0o600)
+        try:
+            listeners.append(bind_unix(path, mode))
+        except OSError as e:
+            log.error("cannot listen on %s: %s", path, e)
+            return 1
+        log.info("listening on unix:%s", path)
+    if not listeners:
+        log.error("no --address given and not socket-activated")
+        return 2
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("received signal %d, shutting down", signum)
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        server.serve(listeners)
+    finally:
+        for s in listeners:
+            s.close()
+        if args.address:
+            try:
+                os.unlink(args.address.removeprefix("unix:"))
+            except OSError:
+                pass
+        state.close_all()
+    log.info("stopped")
+    return 0
