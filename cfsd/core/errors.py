@@ -29,3 +29,7 @@ class CorruptObject(RepositoryError):
 
 class FormatError(RepositoryError):
     """Malformed on-disk data (splitstream, tar, image)."""
+
+
+class NotFound(RepositoryError):
+    """A named stream, image or ref does not exist."""

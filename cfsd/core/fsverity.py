@@ -8,6 +8,7 @@ roughly doubles throughput on two cores (tools.md section 4.2).
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import errno
 import fcntl
@@ -202,6 +203,7 @@ def _get_pool() -> concurrent.futures.ProcessPoolExecutor:
             ctx = multiprocessing.get_context("forkserver")
             _pool = concurrent.futures.ProcessPoolExecutor(
                 max_workers=max(2, os.cpu_count() or 2), mp_context=ctx)
+            atexit.register(shutdown_pool)
         return _pool
 
 

@@ -23,6 +23,7 @@ from cfsd.core.errors import (
     AlreadyInitialized,
     CorruptObject,
     InvalidName,
+    NotFound,
     NotWritable,
     RepoNotFound,
     RepositoryError,
@@ -462,11 +463,11 @@ class Repository:
             validate_ref_name(name)
             target = self.readlink(f"streams/{name}")
             if target is None:
-                raise RepositoryError(f"no such stream: {name}")
+                raise NotFound(f"no such stream: {name}")
             name = target.rsplit("/", 1)[-1]
         digest = self.has_stream(name)
         if digest is None:
-            raise RepositoryError(f"no such stream: {name}")
+            raise NotFound(f"no such stream: {name}")
         return digest
 
     def open_stream(self, name: str | None = None, verity: bytes | None = None,
@@ -485,7 +486,7 @@ class Repository:
         validate_content_id(content_id)
         validate_ref_name(ref)
         if self.has_stream(content_id) is None:
-            raise RepositoryError(f"no such stream: {content_id}")
+            raise NotFound(f"no such stream: {content_id}")
         self.symlink(f"streams/refs/{ref}", f"streams/{content_id}")
 
     def list_refs(self, category: str, prefix: str = "") -> list[tuple[str, str]]:
@@ -524,15 +525,15 @@ class Repository:
                 if digest is not None:
                     return digest
             if "/" in name:
-                raise RepositoryError(f"no such image: {name}")
+                raise NotFound(f"no such image: {name}")
             name = "refs/" + name
         validate_ref_name(name)
         target = self.readlink(f"images/{name}")
         if target is None:
-            raise RepositoryError(f"no such image: {name}")
+            raise NotFound(f"no such image: {name}")
         digest = self.object_of_link("images/" + target.rsplit("/", 1)[-1])
         if digest is None:
-            raise RepositoryError(f"no such image: {name}")
+            raise NotFound(f"no such image: {name}")
         return digest
 
 

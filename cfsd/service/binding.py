@@ -374,15 +374,15 @@ class Service:
         member = entry.iface.members.get(method)
         if not isinstance(member, vs._Method):
             raise VarlinkError(f"{SERVICE_INTERFACE}.MethodNotFound", {"method": call.method})
-        fn = getattr(entry.impl, method, None)
-        if fn is None:
-            raise VarlinkError(f"{SERVICE_INTERFACE}.MethodNotImplemented",
-                               {"method": call.method})
         try:
             entry.checker.struct(member.in_type, params, "")
         except ValueError as e:
             raise VarlinkError(f"{SERVICE_INTERFACE}.InvalidParameter",
                                {"parameter": str(e)}) from None
+        fn = getattr(entry.impl, method, None)
+        if fn is None:
+            raise VarlinkError(f"{SERVICE_INTERFACE}.MethodNotImplemented",
+                               {"method": call.method})
         try:
             result = fn(call, **params)
             if isinstance(result, Generator):

@@ -38,23 +38,23 @@ class OciAPI:
 
     def HasLayer(self, call: Call, handle: int, diff_id: str) -> dict[str, Any]:  # noqa: N802
         """Whether ``oci-layer-<diff_id>`` exists."""
-        h = self.state.get(call, handle, OCI)
-        verity = h.repo.has_stream(layer_stream_id(Digest.parse(diff_id)))
-        return {"present": verity is not None,
-                "layer_verity": verity.hex() if verity is not None else None}
+        with self.state.use(call, handle, OCI) as h:
+            verity = h.repo.has_stream(layer_stream_id(Digest.parse(diff_id)))
+            return {"present": verity is not None,
+                    "layer_verity": verity.hex() if verity is not None else None}
 
     def ImportLayer(self, call: Call, handle: int, digest: str,  # noqa: N802
                     name: str | None = None) -> dict[str, Any]:
         """Split the tar passed as fd 0 of the request into a layer stream."""
-        h = self.state.get(call, handle, OCI)
-        if len(call.fds) != 1:
-            raise VarlinkError(f"{OCI}.InvalidRequest",
-                               {"message": f"ImportLayer expects 1 fd (the tar), got "
-                                           f"{len(call.fds)}"})
         Digest.parse(digest)
-        require_writer(call, h, "import layers")
-        repo = h.repo
-        with repo.lock.shared(), auth.fs_identity(repo.fd):
-            res = import_layer(repo, _FdReader(call.fds[0]), digest, name)
-        return {"verity": res.verity.hex(), "already_present": res.already_present,
-                "stats": res.stats.display()}
+        with self.state.use(call, handle, OCI) as h:
+            if len(call.fds) != 1:
+                raise VarlinkError(f"{OCI}.InvalidRequest",
+                                   {"message": f"ImportLayer expects 1 fd (the tar), got "
+                                               f"{len(call.fds)}"})
+            require_writer(call, h, "import layers")
+            repo = h.repo
+            with repo.lock.shared(), auth.fs_identity(repo.fd):
+                res = import_layer(repo, _FdReader(call.fds[0]), digest, name)
+            return {"verity": res.verity.hex(), "already_present": res.already_present,
+                    "stats": res.stats.display()}

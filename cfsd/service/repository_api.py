@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from cfsd.core import fsverity
-from cfsd.core.errors import RepositoryError
+from cfsd.core.errors import NotFound, RepositoryError
 from cfsd.core.fsck import fsck
 from cfsd.core.gc import gc, image_objects
 from cfsd.core.metadata import exists, read_meta
@@ -137,57 +137,57 @@ class RepositoryAPI:
     def Fsck(self, call: Call, handle: int,  # noqa: N802
              metadata_only: bool | None = None) -> dict[str, Any]:
         """Check the repository."""
-        h = self.state.get(call, handle, REPOSITORY)
-        return fsck(h.repo, metadata_only=bool(metadata_only)).to_dict()
+        with self.state.use(call, handle, REPOSITORY) as h:
+            return fsck(h.repo, metadata_only=bool(metadata_only)).to_dict()
 
     def Gc(self, call: Call, handle: int, dry_run: bool,  # noqa: N802
            roots: list[str]) -> dict[str, Any]:
         """Garbage-collect (or report with dry_run)."""
-        h = self.state.get(call, handle, REPOSITORY)
-        if not dry_run:
-            require_writer(call, h, "collect garbage")
-        with auth.fs_identity(h.repo.fd):
-            result = gc(h.repo, roots, dry_run=dry_run)
-        return {"result": result.to_dict(), "dry_run": dry_run}
+        with self.state.use(call, handle, REPOSITORY) as h:
+            if not dry_run:
+                require_writer(call, h, "collect garbage")
+            with auth.fs_identity(h.repo.fd):
+                result = gc(h.repo, roots, dry_run=dry_run)
+            return {"result": result.to_dict(), "dry_run": dry_run}
 
     def ImageObjects(self, call: Call, handle: int, name: str) -> dict[str, Any]:  # noqa: N802
         """Objects referenced by an image, as sorted ``<alg>:<hex>`` ids."""
-        h = self.state.get(call, handle, REPOSITORY)
-        repo = h.repo
-        with repo.lock.shared():
-            try:
-                digest = repo.resolve_image(name)
-            except RepositoryError:
-                raise VarlinkError(f"{REPOSITORY}.NoSuchRef", {"reference": name}) from None
-            ids = sorted(f"{repo.alg.name}:{d.hex()}" for d in image_objects(repo, digest))
-        return {"object_ids": ids}
+        with self.state.use(call, handle, REPOSITORY) as h:
+            repo = h.repo
+            with repo.lock.shared():
+                try:
+                    digest = repo.resolve_image(name)
+                except NotFound:
+                    raise VarlinkError(f"{REPOSITORY}.NoSuchRef", {"reference": name}) from None
+                ids = sorted(f"{repo.alg.name}:{d.hex()}" for d in image_objects(repo, digest))
+            return {"object_ids": ids}
 
     def ListImageRefs(self, call: Call, handle: int) -> dict[str, Any]:  # noqa: N802
         """Named image refs with the image id they point at."""
-        h = self.state.get(call, handle, REPOSITORY)
-        refs = h.repo.list_refs("images")
-        return {"images": [{"name": n, "digest": t.rsplit("/", 1)[-1]} for n, t in refs]}
+        with self.state.use(call, handle, REPOSITORY) as h:
+            refs = h.repo.list_refs("images")
+            return {"images": [{"name": n, "digest": t.rsplit("/", 1)[-1]} for n, t in refs]}
 
     def Cat(self, call: Call, handle: int, name: str) -> dict[str, Any]:  # noqa: N802
         """Reassemble a splitstream into the fd passed with the request."""
-        h = self.state.get(call, handle, REPOSITORY)
-        if len(call.fds) != 1:
-            raise _spec_error(f"Cat expects 1 fd (the output), got {len(call.fds)}")
-        out = call.fds[0]
-        repo = h.repo
-        with repo.lock.shared():
-            try:
-                reader = repo.open_stream(name)
-            except RepositoryError:
-                raise VarlinkError(f"{REPOSITORY}.NoSuchRef", {"reference": name}) from None
-            with reader:
-                size = reader.cat(repo, out)
-        return {"size": size}
+        with self.state.use(call, handle, REPOSITORY) as h:
+            if len(call.fds) != 1:
+                raise _spec_error(f"Cat expects 1 fd (the output), got {len(call.fds)}")
+            out = call.fds[0]
+            repo = h.repo
+            with repo.lock.shared():
+                try:
+                    reader = repo.open_stream(name)
+                except NotFound:
+                    raise VarlinkError(f"{REPOSITORY}.NoSuchRef", {"reference": name}) from None
+                with reader:
+                    size = reader.cat(repo, out)
+            return {"size": size}
 
     def Describe(self, call: Call, handle: int) -> dict[str, Any]:  # noqa: N802
         """Where the handle points and what it allows."""
-        h = self.state.get(call, handle, REPOSITORY)
-        repo = h.repo
-        return {"path": repo.path, "algorithm": repo.alg.repo_string, "secure": repo.secure,
-                "erofs_versions": repo.meta.format_versions(), "writable": h.writable}
+        with self.state.use(call, handle, REPOSITORY) as h:
+            repo = h.repo
+            return {"path": repo.path, "algorithm": repo.alg.repo_string, "secure": repo.secure,
+                    "erofs_versions": repo.meta.format_versions(), "writable": h.writable}
 

@@ -7,10 +7,12 @@ the same directory share one Repository object (one fd, one flock, one in-proces
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import pwd
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from cfsd.core.errors import RepositoryError
@@ -30,12 +32,24 @@ class Defaults:
     no_upgrade: bool = False
 
 
+class _Shared:
+    """One open Repository shared by handles, with a count of calls using it right now."""
+
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+        self.refs = 1
+        self.inflight = 0
+        self.closing = False
+        self.cond = threading.Condition()
+
+
 @dataclass
 class Handle:
     """An open repository as seen by one caller."""
 
     id: int
     repo: Repository
+    shared: _Shared
     key: tuple[int, int, bool]
     creds: PeerCreds
     conn_id: int
@@ -60,7 +74,7 @@ class State:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._handles: dict[int, Handle] = {}
-        self._repos: dict[tuple[int, int, bool], tuple[Repository, int]] = {}
+        self._repos: dict[tuple[int, int, bool], _Shared] = {}
 
     def open(self, call: Call, path: str, *, insecure: bool, require_verity: bool,
              no_upgrade: bool) -> Handle:
@@ -80,31 +94,28 @@ class State:
             with self._lock:
                 shared = self._repos.get(key)
                 if shared is not None:
-                    repo = shared[0]
-                    self._repos[key] = (repo, shared[1] + 1)
-                else:
-                    repo = None
-            if repo is None:
+                    shared.refs += 1
+            if shared is None:
                 with auth.fs_identity(fd):
                     new = Repository.open_at(fd, path, insecure=insecure,
                                              require_verity=require_verity, upgrade=upgrade)
                 with self._lock:
                     shared = self._repos.get(key)
                     if shared is not None:
-                        new.close()
-                        repo = shared[0]
-                        self._repos[key] = (repo, shared[1] + 1)
+                        shared.refs += 1
                     else:
-                        repo = new
-                        self._repos[key] = (repo, 1)
-            elif require_verity and not repo.secure:
-                self._release(key)
+                        shared = self._repos[key] = _Shared(new)
+                if shared.repo is not new:
+                    new.close()
+            elif require_verity and not shared.repo.secure:
+                self._release(key, shared)
                 raise RepositoryError(f"repository {path} does not have fs-verity enabled")
             writable = call.creds.uid == 0 or st.st_uid == call.creds.uid
         finally:
             os.close(fd)
         with self._lock:
-            h = Handle(next(self._ids), repo, key, call.creds, call.connection.id, writable)
+            h = Handle(next(self._ids), shared.repo, shared, key, call.creds,
+                       call.connection.id, writable)
             self._handles[h.id] = h
         call.connection.on_close(lambda: self.close(h.id, quiet=True))
         return h
@@ -117,6 +128,21 @@ class State:
             raise VarlinkError(f"{iface}.InvalidHandle", {"handle": handle})
         return h
 
+    @contextlib.contextmanager
+    def use(self, call: Call, handle: int, iface: str) -> Iterator[Handle]:
+        """The handle, kept open (not closed under the call) until the block ends."""
+        h = self.get(call, handle, iface)
+        with h.shared.cond:
+            if h.shared.closing:
+                raise VarlinkError(f"{iface}.InvalidHandle", {"handle": handle})
+            h.shared.inflight += 1
+        try:
+            yield h
+        finally:
+            with h.shared.cond:
+                h.shared.inflight -= 1
+                h.shared.cond.notify_all()
+
     def close(self, handle: int, *, quiet: bool = False,
               iface: str = "org.composefs.Repository") -> None:
         """Release a handle (and the repository when it was the last one)."""
@@ -126,16 +152,20 @@ class State:
             if quiet:
                 return
             raise VarlinkError(f"{iface}.InvalidHandle", {"handle": handle})
-        self._release(h.key)
+        self._release(h.key, h.shared)
 
-    def _release(self, key: tuple[int, int, bool]) -> None:
+    def _release(self, key: tuple[int, int, bool], shared: _Shared) -> None:
         with self._lock:
-            repo, count = self._repos[key]
-            if count > 1:
-                self._repos[key] = (repo, count - 1)
+            shared.refs -= 1
+            if shared.refs:
                 return
-            del self._repos[key]
-        repo.close()
+            if self._repos.get(key) is shared:
+                del self._repos[key]
+        with shared.cond:
+            shared.closing = True
+            while shared.inflight:
+                shared.cond.wait()
+        shared.repo.close()
 
     def close_all(self) -> None:
         """Release everything (daemon shutdown)."""

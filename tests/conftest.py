@@ -1,0 +1,122 @@
+"""Shared fixtures: a real cfsd on a real socket, the real cfsctl, conformance data."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def conformance_dir() -> Path | None:
+    """The shared conformance data ($CFSD_CONFORMANCE or ../shared/conformance)."""
+    env = os.environ.get("CFSD_CONFORMANCE")
+    p = Path(env) if env else ROOT.parent / "shared" / "conformance"
+    return p if p.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def conformance() -> Path:
+    p = conformance_dir()
+    if p is None:
+        pytest.skip("conformance data not found (set CFSD_CONFORMANCE)")
+    return p
+
+
+def wait_for_socket(path: str, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """Wait until a daemon accepts connections on *path*."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"cfsd exited with {proc.returncode}")
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(path)
+            return
+        except OSError:
+            time.sleep(0.02)
+        finally:
+            s.close()
+    raise TimeoutError(f"cfsd did not listen on {path}")
+
+
+class Daemon:
+    """A cfsd subprocess bound to a socket in a temporary directory."""
+
+    def __init__(self, tmp: Path, *args: str) -> None:
+        self.sock = str(tmp / "cfsd.sock")
+        self.address = f"unix:{self.sock}"
+        self.log = tmp / "cfsd.log"
+        self._logf = open(self.log, "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cfsd", "--address", self.address, "--log-level", "debug",
+             *args], stderr=self._logf, cwd="/")
+        wait_for_socket(self.sock, self.proc)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._logf.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    d = Daemon(tmp_path)
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    d = Daemon(tmp_path_factory.mktemp("daemon"))
+    yield d
+    d.stop()
+
+
+def run_cfsctl(*args: str, address: str | None = None, input: bytes | None = None,
+               stdin: int | None = None, check: bool = True,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+    """Run the real cfsctl; *address* None means the embedded daemon."""
+    e = dict(os.environ)
+    e.pop("CFSD_ADDRESS", None)
+    e["XDG_RUNTIME_DIR"] = "/nonexistent"
+    if address:
+        e["CFSD_ADDRESS"] = address
+    if env:
+        e.update(env)
+    p = subprocess.run([sys.executable, "-m", "cfsctl", *args], input=input, stdin=stdin,
+                       capture_output=True, env=e, cwd=str(ROOT), timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"cfsctl {' '.join(args)} failed ({p.returncode}): "
+                             f"{p.stderr.decode(errors='replace')}")
+    return p
+
+
+def tree_listing(root: Path) -> dict[str, tuple[int, int, str]]:
+    """Every path below *root* with (mode, size, symlink target) — for unchanged checks."""
+    out: dict[str, tuple[int, int, str]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            target = os.readlink(p) if os.path.islink(p) else ""
+            out[os.path.relpath(p, root)] = (st.st_mode, st.st_size if not
+                                             os.path.isdir(p) else 0, target)
+    return out

@@ -1,0 +1,163 @@
+"""The daemon on real sockets: bound, socket-activated, introspection, shutdown, handles."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Daemon, run_cfsctl, wait_for_socket
+from tests.varlink_raw import Raw
+
+INTERFACES = ["org.varlink.service", "org.composefs.Oci", "org.composefs.Repository"]
+
+
+def varlink_cli(*args: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "varlink.cli", *args], capture_output=True,
+                         timeout=60, check=True)
+    return out.stdout.decode()
+
+
+def test_bound_socket_info(daemon: Daemon) -> None:
+    out = varlink_cli("info", daemon.address)
+    for iface in INTERFACES:
+        assert iface in out
+    assert "Product: cfsd" in out
+    desc = varlink_cli("help", f"{daemon.address}/org.composefs.Repository")
+    assert desc.strip() == Path("interfaces/org.composefs.Repository.varlink").read_text().strip()
+    assert oct(os.stat(daemon.sock).st_mode & 0o777) == ("0o660" if os.geteuid() == 0
+                                                          else "0o600")
+
+
+def test_sigterm_shuts_down_cleanly_with_idle_client(daemon: Daemon) -> None:
+    idle = Raw(daemon.sock)
+    start = time.monotonic()
+    assert daemon.stop() == 0
+    assert time.monotonic() - start < 5
+    assert not os.path.exists(daemon.sock)
+    idle.close()
+
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
+                    reason="systemd-socket-activate not installed")
+@pytest.mark.parametrize("nsock", [1, 2])
+def test_socket_activation(tmp_path: Path, nsock: int) -> None:
+    socks = [str(tmp_path / f"s{i}.sock") for i in range(nsock)]
+    cmd = ["systemd-socket-activate"]
+    for s in socks:
+        cmd += ["-l", s]
+    if nsock > 1:
+        cmd += ["--fdname=" + ":".join(f"n{i}" for i in range(nsock))]
+    cmd += [sys.executable, "-m", "cfsd"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+    try:
+        for s in socks:
+            wait_for_socket(s, proc)
+            out = varlink_cli("info", f"unix:{s}")
+            for iface in INTERFACES:
+                assert iface in out
+        repo = str(tmp_path / "repo")
+        run_cfsctl("--repo", repo, "init", address=f"unix:{socks[-1]}")
+        assert "status: ok" in run_cfsctl("--repo", repo, "fsck",
+                                          address=f"unix:{socks[0]}").stdout.decode()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+    assert proc.returncode == 0
+
+
+def test_embedded_daemon_needs_nothing_running(tmp_path: Path) -> None:
+    repo = str(tmp_path / "r")
+    out = run_cfsctl("--repo", repo, "init").stdout.decode()
+    assert out.startswith(f"Initialized composefs repository at {repo}\n")
+    assert "fsverity-sha512-12" in out
+    assert "status: ok" in run_cfsctl("--repo", repo, "fsck").stdout.decode()
+
+
+def test_handles_released_with_connection(daemon: Daemon, tmp_path: Path) -> None:
+    repo = str(tmp_path / "r")
+    run_cfsctl("--repo", repo, "init", address=daemon.address)
+    a = Raw(daemon.sock)
+    h = a.call("org.composefs.Repository.OpenRepository", {"path": repo})["parameters"]["handle"]
+    b = Raw(daemon.sock)
+    # Same user, another connection: the handle works.
+    assert "parameters" in b.call("org.composefs.Repository.Fsck", {"handle": h})
+    h2 = b.call("org.composefs.Repository.OpenRepository", {"path": repo})["parameters"]
+    assert h2["handle"] > h and h2["hash_algorithm"] == "sha512"
+    assert b.call("org.composefs.Repository.CloseRepository", {"handle": h2["handle"]}) == {
+        "parameters": {}}
+    assert b.call("org.composefs.Repository.CloseRepository", {"handle": h2["handle"]}) == {
+        "error": "org.composefs.Repository.InvalidHandle", "parameters": {"handle": h2["handle"]}}
+    a.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        r = b.call("org.composefs.Repository.Fsck", {"handle": h})
+        if "error" in r:
+            break
+        time.sleep(0.05)
+    assert r["error"] == "org.composefs.Repository.InvalidHandle"
+    r = b.call("org.composefs.Oci.ListImages", {"handle": 999})
+    assert r["error"] in ("org.composefs.Oci.InvalidHandle",
+                          "org.varlink.service.MethodNotImplemented")
+    b.close()
+
+
+def test_open_repository_selectors(daemon: Daemon) -> None:
+    c = Raw(daemon.sock)
+    for params in ({}, {"path": "/x", "system": True}, {"user": True, "system": True}):
+        r = c.call("org.composefs.Repository.OpenRepository", params)
+        assert r["error"] == "org.composefs.Repository.InvalidSpec"
+    r = c.call("org.composefs.Repository.OpenRepository", {"path": "/nonexistent/repo"})
+    assert r["error"] == "org.composefs.Repository.RepoNotFound"
+    c.close()
+
+
+def test_init_idempotent_and_conflicts(daemon: Daemon, tmp_path: Path) -> None:
+    c = Raw(daemon.sock)
+    p = str(tmp_path / "a/b/repo")
+    init = "org.composefs.Repository.InitRepository"
+    assert c.call(init, {"path": p})["parameters"]["created"] is True
+    assert oct(os.stat(p).st_mode & 0o777) == "0o700"
+    assert c.call(init, {"path": p})["parameters"]["created"] is False
+    meta = Path(p, "meta.json").read_bytes()
+    r = c.call(init, {"path": p, "algorithm": "fsverity-sha256-12"})
+    assert r["error"] == "org.composefs.Repository.InternalError"
+    assert "different configuration" in r["parameters"]["message"]
+    assert Path(p, "meta.json").read_bytes() == meta
+    r = c.call(init, {"path": p, "algorithm": "sha1"})
+    assert r["error"] == "org.composefs.Repository.InvalidSpec"
+    r = c.call("org.composefs.Repository.EnsureRepository", {"path": p})
+    assert r == {"parameters": {"status": "Opened"}}
+    r = c.call("org.composefs.Repository.EnsureRepository", {"path": str(tmp_path / "new")})
+    assert r == {"parameters": {"status": "Created"}}
+    c.close()
+
+
+def test_concurrent_clients(daemon: Daemon, tmp_path: Path) -> None:
+    repo = str(tmp_path / "r")
+    run_cfsctl("--repo", repo, "init", address=daemon.address)
+    errors: list[str] = []
+
+    def worker() -> None:
+        c = Raw(daemon.sock)
+        h = c.call("org.composefs.Repository.OpenRepository", {"path": repo})
+        for _ in range(50):
+            r = c.call("org.composefs.Repository.Fsck", {"handle": h["parameters"]["handle"],
+                                                         "metadata_only": True})
+            if "error" in r:
+                errors.append(str(r))
+        c.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors

@@ -1,0 +1,49 @@
+"""A minimal raw varlink client for protocol-level tests (no client-side validation)."""
+
+from __future__ import annotations
+
+import array
+import json
+import socket
+from typing import Any
+
+
+class Raw:
+    """Send arbitrary bytes, read NUL-framed replies."""
+
+    def __init__(self, path: str, timeout: float = 30.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.buf = b""
+
+    def send_raw(self, data: bytes, fds: list[int] | None = None) -> None:
+        if fds:
+            self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                        array.array("i", fds).tobytes())])
+        else:
+            self.sock.sendall(data)
+
+    def send(self, method: str, params: Any = None, fds: list[int] | None = None,
+             **flags: Any) -> None:
+        msg = {"method": method, **flags}
+        if params is not None:
+            msg["parameters"] = params
+        self.send_raw(json.dumps(msg).encode() + b"\0", fds)
+
+    def recv(self) -> dict[str, Any] | None:
+        while b"\0" not in self.buf:
+            data = self.sock.recv(1 << 16)
+            if not data:
+                return None
+            self.buf += data
+        msg, _, self.buf = self.buf.partition(b"\0")
+        return json.loads(msg)
+
+    def call(self, method: str, params: Any = None, fds: list[int] | None = None,
+             **flags: Any) -> dict[str, Any] | None:
+        self.send(method, params, fds, **flags)
+        return self.recv()
+
+    def close(self) -> None:
+        self.sock.close()
