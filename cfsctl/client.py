@@ -69,7 +69,10 @@ def method_params(method: str) -> list[str]:
     """Parameter names of *method* as declared in interfaces/ (ValueError if unknown)."""
     iface_name, _, name = method.rpartition(".")
     if iface_name not in _known:
-        path = interface_dir() / f"{iface_name}.varlink"
+        if iface_name == "org.varlink.service":
+            path = Path(varlink.__file__).parent / "org.varlink.service.varlink"
+        else:
+            path = interface_dir() / f"{iface_name}.varlink"
         if not path.is_file():
             raise ValueError(f"unknown interface {iface_name}")
         _known[iface_name] = varlink.Interface(path.read_text(encoding="utf-8"))

@@ -24,8 +24,10 @@ GOLDEN = [  # conformance/golden.md section 1
     (bytes(2000), "sha256", "f13c0c1a5b8bc8b8983be2761bae9dd229cc951b260dab7b2558987542c45c23"),
     (bytes(3000), "sha256", "0000610752b6366b2bd42ce92fa0c0089bc132408b8f3dc20f879a06d0e05aaf"),
     (b"", "sha256", "3d248ca542a24fc62d1c43b916eae5016878e2533c88238480b26128a1f1af95"),
-    (b"hello world\n", "sha256", "37061ef2ac4c21bec68489b56138c5780306a4ad7fe6676236ecdf2c9027cd92"),
-    (b"foo bar baz\n", "sha256", "91e7d88cb7bc9cf6d8db3b0ecf89af4abf204bef5b3ade5113d5b62ef374e70b"),
+    (b"hello world\n", "sha256",
+     "37061ef2ac4c21bec68489b56138c5780306a4ad7fe6676236ecdf2c9027cd92"),
+    (b"foo bar baz\n", "sha256",
+     "91e7d88cb7bc9cf6d8db3b0ecf89af4abf204bef5b3ade5113d5b62ef374e70b"),
     (bytes(1048577), "sha256", "5ceb20530731a1a1cea6a4badc2fabecc8b9f15481657e1eb8fab82d8b2f2268"),
 ]
 
