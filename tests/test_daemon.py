@@ -43,6 +43,10 @@ def test_sigterm_shuts_down_cleanly_with_idle_client(daemon: Daemon) -> None:
     assert time.monotonic() - start < 5
     assert not os.path.exists(daemon.sock)
     idle.close()
+    log = daemon.log.read_text().splitlines()
+    assert log[0] == f"<6>cfsd: listening on {daemon.address}"
+    assert log[-1] == "<6>cfsd: stopped"
+    assert all(line[:3] in {"<3>", "<4>", "<6>", "<7>"} for line in log)
 
 
 @pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,

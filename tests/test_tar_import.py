@@ -175,3 +175,19 @@ def test_parser_rejects_sparse_and_sized_symlink() -> None:
         TarParser().parse(hdr(b"S", 0))
     with pytest.raises(TarError, match="non-zero size"):
         TarParser().parse(hdr(b"2", 10))
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(min_size=0, max_size=3000), seed=st.integers(0, 2**32 - 1))
+def test_parser_never_crashes(data: bytes, seed: int) -> None:
+    """Arbitrary and mutated headers raise TarError or parse; never anything else."""
+    import random
+    base = bytearray(tarfile.TarInfo("some/file").tobuf(tarfile.PAX_FORMAT))
+    rng = random.Random(seed)
+    for _ in range(rng.randint(1, 8)):
+        base[rng.randrange(len(base))] = rng.randrange(256)
+    for blob in (data, bytes(base) + data):
+        try:
+            TarParser().parse(blob)
+        except TarError:
+            pass

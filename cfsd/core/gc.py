@@ -117,9 +117,13 @@ def live_objects(repo: Repository, roots: Sequence[str] = ()) -> set[bytes]:
     return live
 
 
-def gc(repo: Repository, roots: Sequence[str] = (), dry_run: bool = False) -> GcResult:
-    """Collect garbage (or, with *dry_run*, only report what would be removed)."""
-    ctx = repo.lock.shared() if dry_run else exclusive(repo)
+def gc(repo: Repository, roots: Sequence[str] = (), dry_run: bool = False,
+       lock_timeout: float = 30.0) -> GcResult:
+    """Collect garbage (or, with *dry_run*, only report what would be removed).
+
+    Waits at most *lock_timeout* seconds for other users of the repository (TimeoutError).
+    """
+    ctx = repo.lock.shared() if dry_run else exclusive(repo, lock_timeout)
     with ctx:
         if not dry_run:
             repo.ensure_writable()
