@@ -3,10 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
 
-from cfsctl.context import Context
+from cfsctl.client import CallError
+from cfsctl.context import CommandError, Context, UsageError
+from cfsctl.output import fsck_text, print_json, table
+from cfsctl.progress import ProgressView
 
 OCI = "org.composefs.Oci."
+REPO = "org.composefs.Repository."
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
+def _no_such_image(e: CallError, name: str) -> CommandError:
+    return CommandError(f"no such image: {name}") if e.short == "NoSuchImage" else e  # type: ignore[return-value]
 
 
 def cmd_import_layer(ctx: Context, a: argparse.Namespace) -> int:
@@ -18,11 +37,181 @@ def cmd_import_layer(ctx: Context, a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pull(ctx: Context, a: argparse.Namespace) -> int:
+    """Pull an image from a layout, an archive or a registry."""
+    if a.expected_digest and not a.bootable:
+        raise UsageError("--expected-digest requires --bootable")
+    params = {"handle": ctx.handle, "image": a.image, "name": a.name,
+              "local_fetch": a.local_fetch, "bootable": a.bootable,
+              "expected_digest": a.expected_digest, "platform": a.platform,
+              "tls_verify": a.tls_verify, "credentials": a.creds,
+              "auth_file": os.path.abspath(a.authfile) if a.authfile else None,
+              "concurrency": a.concurrency}
+    view = ProgressView(quiet=a.quiet or ctx.args.json)
+    completed = None
+    try:
+        for frame, _ in ctx.client.stream(OCI + "Pull", params, more=True):
+            if "completed" in frame and frame["completed"] is not None:
+                completed = frame["completed"]
+            else:
+                view.event(frame)
+    finally:
+        view.close()
+    if completed is None:
+        raise CommandError("pull finished without a result")
+    if ctx.args.json:
+        print_json(completed)
+        return 0
+    print(f"manifest {completed['manifest_digest']}")
+    print(f"config   {completed['config_digest']}")
+    print(f"verity   {completed['manifest_verity']}")
+    print(f"tagged   {a.name or a.image}")
+    print(f"objects  {completed['stats']}")
+    return 0
+
+
+def cmd_images(ctx: Context, a: argparse.Namespace) -> int:
+    """Table of tagged images."""
+    reply = ctx.call(OCI + "ListImages", handle=ctx.handle, filter=a.filter)
+    if a.json or ctx.args.json:
+        print_json(reply)
+    elif not reply["images"]:
+        print("No images found")
+    else:
+        rows = []
+        for img in reply["images"]:
+            digest = img["manifest_digest"].removeprefix("sha256:")[:12]
+            rows.append((img["name"], digest, img["architecture"] or "artifact",
+                         str(img["layer_count"]), str(img["referrer_count"])))
+        print(table(["NAME", "DIGEST", "ARCH", "LAYERS", "REFS"], rows))
+    return 0
+
+
+def cmd_inspect(ctx: Context, a: argparse.Namespace) -> int:
+    """Manifest, config and composefs image of a stored image."""
+    try:
+        reply = ctx.call(OCI + "Inspect", handle=ctx.handle, image=a.image)
+    except CallError as e:
+        raise _no_such_image(e, a.image) from None
+    if a.manifest:
+        sys.stdout.write(reply["manifest"])
+    elif a.config:
+        sys.stdout.write(reply["config"])
+    else:
+        print_json({"manifest": json.loads(reply["manifest"]),
+                    "config": json.loads(reply["config"]),
+                    "referrers": reply["referrers"],
+                    **({"composefs_erofs": reply["composefs_erofs"]}
+                       if reply.get("composefs_erofs") else {}),
+                    **({"composefs_boot_erofs": reply["composefs_boot_erofs"]}
+                       if reply.get("composefs_boot_erofs") else {})})
+    return 0
+
+
+def cmd_tag(ctx: Context, a: argparse.Namespace) -> int:
+    """Tag a manifest digest."""
+    ctx.call(OCI + "Tag", handle=ctx.handle, manifest_digest=a.digest, name=a.name)
+    print(f"Tagged {a.digest} as {a.name}")
+    return 0
+
+
+def cmd_untag(ctx: Context, a: argparse.Namespace) -> int:
+    """Remove a tag."""
+    try:
+        ctx.call(OCI + "Untag", handle=ctx.handle, name=a.name)
+    except CallError as e:
+        raise _no_such_image(e, a.name) from None
+    print(f"Removed tag {a.name}")
+    return 0
+
+
+def cmd_layer(ctx: Context, a: argparse.Namespace) -> int:
+    """The exact layer tar to stdout."""
+    if os.isatty(1):
+        raise CommandError("Refusing to write tar data to terminal; redirect stdout")
+    sys.stdout.flush()
+    try:
+        ctx.client.call(REPO + "Cat", {"handle": ctx.handle, "name": f"oci-layer-{a.diff_id}"},
+                        fds=[1])
+    except CallError as e:
+        if e.short == "NoSuchRef":
+            raise CommandError(f"no such layer: {a.diff_id}") from None
+        raise
+    return 0
+
+
+def cmd_fsck(ctx: Context, a: argparse.Namespace) -> int:
+    """OCI-aware integrity check."""
+    try:
+        reply = ctx.call(OCI + "Check", handle=ctx.handle, image=a.image)
+    except CallError as e:
+        raise _no_such_image(e, a.image or "") from None
+    if a.json or ctx.args.json:
+        print_json(reply)
+        return 0
+    text = fsck_text(reply["repo"])
+    ok = reply["images_checked"] - reply["images_corrupted"]
+    text += f"\noci images: {ok}/{reply['images_checked']} ok"
+    if reply["errors"]:
+        text += f"\noci errors: {len(reply['errors'])}"
+        text += "".join(f"\n  - {e}" for e in reply["errors"])
+    print(text)
+    if not reply["ok"]:
+        raise CommandError("OCI integrity check failed")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``oci`` and its subcommands."""
     oci = sub.add_parser("oci", help="OCI images")
     osub = oci.add_subparsers(dest="oci_command", required=True, metavar="COMMAND")
+
     p = osub.add_parser("import-layer", help="import an uncompressed tar from stdin")
     p.add_argument("digest")
     p.add_argument("name", nargs="?")
     p.set_defaults(func=cmd_import_layer)
+
+    p = osub.add_parser("pull", help="pull from oci:, oci-archive: or docker://")
+    p.add_argument("image")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--bootable", action="store_true")
+    p.add_argument("--expected-digest")
+    p.add_argument("--local-fetch", default="disabled", choices=("disabled", "auto",
+                                                                 "zerocopy"))
+    p.add_argument("--platform", help="os/arch[/variant] to pick from an index")
+    p.add_argument("--tls-verify", type=_bool, default=None, metavar="BOOL")
+    p.add_argument("--creds", metavar="USER:PASSWORD")
+    p.add_argument("--authfile", metavar="PATH")
+    p.add_argument("--concurrency", type=int)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_pull)
+
+    p = osub.add_parser("images", help="table of tagged images")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--filter")
+    p.set_defaults(func=cmd_images)
+
+    p = osub.add_parser("inspect", help="manifest and config of an image")
+    p.add_argument("image")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--manifest", action="store_true")
+    g.add_argument("--config", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = osub.add_parser("tag", help="tag a manifest digest")
+    p.add_argument("digest")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_tag)
+
+    p = osub.add_parser("untag", help="remove a tag")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_untag)
+
+    p = osub.add_parser("layer", help="write a layer tar to stdout")
+    p.add_argument("diff_id")
+    p.set_defaults(func=cmd_layer)
+
+    p = osub.add_parser("fsck", help="OCI-aware integrity check")
+    p.add_argument("image", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_fsck)

@@ -7,6 +7,7 @@ bad or truncated input leaves the repository unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cfsd.core.errors import RepositoryError
@@ -58,16 +59,20 @@ class LayerResult:
     size: int = 0
 
 
-def import_layer(repo: Repository, src: Reader, diff_id: str,
-                 name: str | None = None) -> LayerResult:
-    """Split the uncompressed tar read from *src* into ``oci-layer-<diff_id>``."""
+def import_layer(repo: Repository, src: Reader, diff_id: str, name: str | None = None, *,
+                 before_commit: Callable[[], None] | None = None) -> LayerResult:
+    """Split the uncompressed tar read from *src* into ``oci-layer-<diff_id>``.
+
+    *before_commit* runs after the diff_id matched and before anything becomes visible (a
+    pull uses it to finish verifying the compressed blob).
+    """
     digest = Digest.parse(diff_id)
     content_id = layer_stream_id(digest)
     existing = repo.has_stream(content_id)
     if existing is not None and repo.has_object(existing):
         if name is not None:
             repo.name_stream(content_id, name)
-        return LayerResult(existing, True, ImportStats(layers=1, layers_already_present=1))
+        return LayerResult(existing, True, ImportStats(layers_already_present=1))
     reader = _HashingReader(src, digest)
     with repo.staging() as staging:
         writer = repo.create_stream(TAR_LAYER, staging)
@@ -76,9 +81,11 @@ def import_layer(repo: Repository, src: Reader, diff_id: str,
         if actual != digest.hex:
             raise DiffIdMismatch(str(digest), f"{digest.algorithm}:{actual}")
         verity = writer.done()
+        if before_commit is not None:
+            before_commit()
         staging.commit()
     repo.register_stream(content_id, verity, name)
-    stats = ImportStats(layers=1, objects_copied=writer.new_objects,
+    stats = ImportStats(objects_copied=writer.new_objects,
                         objects_already_present=writer.present_objects,
                         bytes_copied=writer.new_bytes, bytes_inlined=writer.inline_bytes)
     return LayerResult(verity, False, stats, reader.size)

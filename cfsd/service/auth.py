@@ -121,6 +121,48 @@ def open_dir(path: str, creds: PeerCreds, *, want: int = R | X, create: bool = F
             os.close(fd)
 
 
+def open_file(path: str, creds: PeerCreds, _hops: int = 0) -> int:
+    """Open the regular file *path* read-only, as the caller could."""
+    if _hops > MAX_SYMLINKS:
+        raise OSError(errno.ELOOP, f"too many symlinks in {path}")
+    parent, _, name = path.rstrip("/").rpartition("/")
+    if not name or name in (".", ".."):
+        raise PermissionDenied(f"not a file path: {path!r}")
+    dfd = open_dir(parent or "/", creds, want=X)
+    try:
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode):
+            target = os.readlink(name, dir_fd=dfd)
+            base = path.rpartition("/")[0] or "/"
+            return open_file(target if target.startswith("/") else f"{base}/{target}", creds,
+                             _hops + 1)
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                     dir_fd=dfd)
+    finally:
+        os.close(dfd)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or not (_trusted(creds) or may(st, creds, R)):
+        os.close(fd)
+        raise PermissionDenied(f"permission denied: {path}")
+    os.set_blocking(fd, True)
+    return fd
+
+
+class CallerOpener:
+    """Opens paths for the oci layer with a caller's permissions."""
+
+    def __init__(self, creds: PeerCreds) -> None:
+        self.creds = creds
+
+    def open_dir(self, path: str) -> int:
+        """A directory fd, checked against the caller."""
+        return open_dir(path, self.creds)
+
+    def open_file(self, path: str) -> int:
+        """A file fd, checked against the caller."""
+        return open_file(path, self.creds)
+
+
 def check_writer(dir_fd: int, creds: PeerCreds, what: str) -> None:
     """Writes need root or ownership of the repository directory."""
     if creds.uid == 0:

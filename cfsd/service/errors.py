@@ -6,6 +6,7 @@ from cfsd.core.errors import (
     AlreadyInitialized,
     FormatError,
     InvalidName,
+    NotFound,
     NotWritable,
     RepoNotFound,
     RepositoryError,
@@ -40,6 +41,9 @@ def map_error(iface: str, e: Exception) -> VarlinkError | None:
         return err("InvalidSpec" if iface == REPOSITORY else "InvalidRequest", message=str(e))
     if isinstance(e, FormatError):
         return err("InvalidData", message=str(e))
+    if isinstance(e, NotFound):
+        return err("NoSuchImage", image=str(e)) if iface == OCI else err(
+            "NoSuchRef", reference=str(e))
     if isinstance(e, TimeoutError):
         return err("Busy", message=str(e) or "repository is busy")
     if isinstance(e, AlreadyInitialized | NotWritable | RepositoryError):

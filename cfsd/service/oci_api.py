@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import os
+import pwd
+from collections.abc import Generator
 from typing import Any
 
+from cfsd.core.errors import NotFound
+from cfsd.oci import image as oci_image
 from cfsd.oci.digest import Digest
+from cfsd.oci.fsck import oci_fsck
 from cfsd.oci.layers import import_layer, layer_stream_id
+from cfsd.oci.pull import PullOptions, pull
+from cfsd.oci.reference import InvalidReference
+from cfsd.oci.registry import AuthenticationError, Credentials, RegistryError
 from cfsd.service import auth
-from cfsd.service.binding import Call, VarlinkError
+from cfsd.service.binding import Call, PeerCreds, VarlinkError
 from cfsd.service.errors import OCI
 from cfsd.service.repository_api import require_writer
 from cfsd.service.state import State
 
 FEATURES = ["splitdirfdstream-v0"]
+
+
+def _err(name: str, **params: object) -> VarlinkError:
+    return VarlinkError(f"{OCI}.{name}", params)
 
 
 class _FdReader:
@@ -24,6 +36,37 @@ class _FdReader:
 
     def read(self, n: int = -1, /) -> bytes:
         return os.read(self.fd, n if n > 0 else 1 << 20)
+
+
+def caller_auth_configs(creds: PeerCreds, auth_file: str | None) -> list[bytes]:
+    """Contents of the caller's auth file (the named one, or containers/docker defaults).
+
+    A named file is opened with the caller's permissions; the default files are the caller's
+    own (in its runtime and home directories).
+    """
+    if auth_file is not None:
+        paths = [auth_file]
+    else:
+        paths = [f"/run/user/{creds.uid}/containers/auth.json"]
+        try:
+            home = pwd.getpwuid(creds.uid).pw_dir
+            paths += [os.path.join(home, ".config/containers/auth.json"),
+                      os.path.join(home, ".docker/config.json")]
+        except KeyError:
+            pass
+    out = []
+    for p in paths:
+        try:
+            fd = auth.open_file(p, creds)
+        except (OSError, auth.PermissionDenied):
+            if auth_file is not None:
+                raise
+            continue
+        try:
+            out.append(os.pread(fd, 1 << 20, 0))
+        finally:
+            os.close(fd)
+    return out
 
 
 class OciAPI:
@@ -49,12 +92,104 @@ class OciAPI:
         Digest.parse(digest)
         with self.state.use(call, handle, OCI) as h:
             if len(call.fds) != 1:
-                raise VarlinkError(f"{OCI}.InvalidRequest",
-                                   {"message": f"ImportLayer expects 1 fd (the tar), got "
-                                               f"{len(call.fds)}"})
+                raise _err("InvalidRequest",
+                           message=f"ImportLayer expects 1 fd (the tar), got {len(call.fds)}")
             require_writer(call, h, "import layers")
             repo = h.repo
             with repo.lock.shared(), auth.fs_identity(repo.fd):
                 res = import_layer(repo, _FdReader(call.fds[0]), digest, name)
             return {"verity": res.verity.hex(), "already_present": res.already_present,
                     "stats": res.stats.display()}
+
+    def ListImages(self, call: Call, handle: int,  # noqa: N802
+                   filter: str | None = None) -> dict[str, Any]:
+        """Tagged images."""
+        with self.state.use(call, handle, OCI) as h:
+            return {"images": oci_image.list_images(h.repo, filter)}
+
+    def Inspect(self, call: Call, handle: int, image: str) -> dict[str, Any]:  # noqa: N802
+        """Raw manifest and config of a tag or @digest."""
+        with self.state.use(call, handle, OCI) as h:
+            try:
+                return oci_image.inspect(h.repo, image)
+            except NotFound:
+                raise _err("NoSuchImage", image=image) from None
+
+    def Tag(self, call: Call, handle: int, manifest_digest: str,  # noqa: N802
+            name: str) -> dict[str, Any]:
+        """Point a tag at a stored manifest."""
+        with self.state.use(call, handle, OCI) as h:
+            require_writer(call, h, "tag images")
+            with auth.fs_identity(h.repo.fd):
+                try:
+                    oci_image.tag(h.repo, manifest_digest.removeprefix("@"), name)
+                except NotFound:
+                    raise _err("NoSuchImage", image=manifest_digest) from None
+            return {}
+
+    def Untag(self, call: Call, handle: int, name: str) -> dict[str, Any]:  # noqa: N802
+        """Remove a tag."""
+        with self.state.use(call, handle, OCI) as h:
+            require_writer(call, h, "untag images")
+            try:
+                oci_image.untag(h.repo, name)
+            except NotFound:
+                raise _err("NoSuchImage", image=name) from None
+            return {}
+
+    def Check(self, call: Call, handle: int,  # noqa: N802
+              image: str | None = None) -> dict[str, Any]:
+        """OCI-aware fsck."""
+        with self.state.use(call, handle, OCI) as h:
+            try:
+                return oci_fsck(h.repo, image).to_dict()
+            except NotFound:
+                raise _err("NoSuchImage", image=image or "") from None
+
+    def Pull(self, call: Call, handle: int, image: str, local_fetch: str,  # noqa: N802
+             bootable: bool, name: str | None = None, storage_root: str | None = None,
+             xattrs: str | None = None, expected_digest: str | None = None,
+             platform: str | None = None, tls_verify: bool | None = None,
+             credentials: str | None = None, auth_file: str | None = None,
+             concurrency: int | None = None) -> Generator[dict[str, Any], None, dict[str, Any]]:
+        """Pull an image (streaming progress with "more")."""
+        if expected_digest is not None and not bootable:
+            raise _err("InvalidRequest", message="expected_digest requires bootable")
+        if expected_digest is not None and xattrs is not None:
+            raise _err("InvalidRequest", message="expected_digest cannot be combined with xattrs")
+        if bootable:
+            raise _err("InvalidRequest", message="bootable images are not supported by cfsd")
+        if image.startswith("containers-storage:"):
+            raise _err("InvalidRequest", message="containers-storage: is not supported; "
+                       "use oci:, oci-archive: or docker://")
+        if concurrency is not None and not 1 <= concurrency <= 64:
+            raise _err("InvalidRequest", message="concurrency must be between 1 and 64")
+        creds = Credentials.parse(credentials) if credentials else None
+        with self.state.use(call, handle, OCI) as h:
+            require_writer(call, h, "pull images")
+            configs = [] if credentials else caller_auth_configs(call.creds, auth_file)
+            opts = PullOptions(tag=image if name is None else name, platform=platform,
+                               tls_verify=True if tls_verify is None else tls_verify,
+                               credentials=creds, auth_configs=configs,
+                               opener=auth.CallerOpener(call.creds))
+            if concurrency:
+                opts.max_workers = concurrency
+            repo = h.repo
+            with repo.lock.shared(), auth.fs_identity(repo.fd):
+                try:
+                    result = yield from pull(repo, image, opts)
+                except InvalidReference as e:
+                    raise _err("InvalidRequest", message=str(e)) from None
+                except NotFound as e:
+                    raise _err("NoSuchImage", image=f"{image}: {e}") from None
+                except AuthenticationError as e:
+                    raise _err("PermissionDenied", message=str(e)) from None
+                except RegistryError as e:
+                    raise _err("TransportError", message=str(e)) from None
+            return {"completed": {
+                "manifest_digest": result.manifest_digest,
+                "config_digest": result.config_digest,
+                "manifest_verity": result.manifest_verity.hex(),
+                "config_verity": result.config_verity.hex(),
+                "stats": result.stats.display()}}
+

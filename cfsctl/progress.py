@@ -1,0 +1,77 @@
+"""Rendering of Pull progress frames: a live status line on a terminal, plain lines otherwise."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, TextIO
+
+
+def human(n: float) -> str:
+    """Binary units, one decimal."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError
+
+
+class ProgressView:
+    """Consumes event frames (exactly one event per frame)."""
+
+    def __init__(self, stream: TextIO | None = None, quiet: bool = False) -> None:
+        self.out = stream or sys.stderr
+        self.tty = self.out.isatty()
+        self.quiet = quiet
+        self.totals: dict[str, int] = {}
+        self.fetched: dict[str, int] = {}
+        self.finished: set[str] = set()
+        self._line = False
+
+    def _clear(self) -> None:
+        if self._line:
+            self.out.write("\r\x1b[2K")
+            self._line = False
+
+    def _status(self) -> None:
+        total = sum(self.totals.values())
+        got = sum(self.fetched.values())
+        n = len(self.totals)
+        bar_w = 30
+        filled = int(bar_w * got / total) if total else bar_w
+        self.out.write(f"\r\x1b[2K[{'#' * filled}{'.' * (bar_w - filled)}] "
+                       f"{human(got)} / {human(total)}  layers {len(self.finished)}/{n}")
+        self.out.flush()
+        self._line = True
+
+    def event(self, frame: dict[str, Any]) -> None:
+        """Show one event."""
+        if self.quiet:
+            return
+        if (msg := frame.get("message")) is not None:
+            self._clear()
+            self.out.write(f"{msg}\n")
+        elif (ev := frame.get("started")) is not None:
+            self.totals[ev["id"]] = ev.get("total") or 0
+            self.fetched[ev["id"]] = 0
+            if not self.tty:
+                self.out.write(f"{ev['id']}: fetching {human(ev.get('total') or 0)}\n")
+        elif (ev := frame.get("progress")) is not None:
+            self.fetched[ev["id"]] = ev["fetched"]
+        elif (ev := frame.get("skipped")) is not None:
+            self._clear()
+            self.out.write(f"{ev['id']}: skipped (already present)\n")
+        elif (ev := frame.get("done")) is not None:
+            self.finished.add(ev["id"])
+            self.fetched[ev["id"]] = self.totals.get(ev["id"], ev["transferred"])
+            if not self.tty:
+                self.out.write(f"{ev['id']}: done\n")
+        if self.tty and self.totals:
+            self._status()
+        self.out.flush()
+
+    def close(self) -> None:
+        """End the live line."""
+        if self._line:
+            self.out.write("\n")
+            self._line = False
+        self.out.flush()
