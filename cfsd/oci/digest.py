@@ -16,6 +16,10 @@ class InvalidDigest(RepositoryError):
     """A malformed OCI digest string."""
 
 
+class DigestMismatch(InvalidDigest):
+    """Content does not match the digest (or size) that names it."""
+
+
 @dataclass(frozen=True)
 class Digest:
     """A parsed OCI content digest."""

@@ -24,7 +24,7 @@ from cfsd.core.repository import Repository
 from cfsd.core.splitstream import OCI_BLOB, OCI_CONFIG
 from cfsd.oci import documents, image, mediatypes
 from cfsd.oci.compression import decompressed
-from cfsd.oci.digest import Digest, InvalidDigest
+from cfsd.oci.digest import Digest, DigestMismatch
 from cfsd.oci.documents import Descriptor, Manifest
 from cfsd.oci.layers import import_layer
 from cfsd.oci.reference import ImageReference, parse
@@ -39,10 +39,6 @@ PROGRESS_STEP = 4 << 20
 
 class Cancelled(RepositoryError):
     """The pull was abandoned (client went away)."""
-
-
-class DigestMismatch(InvalidDigest):
-    """Content does not match the digest that names it."""
 
 
 class UnsupportedImage(FormatError):
@@ -213,6 +209,12 @@ def _import_one(repo: Repository, source: Source, job: _LayerJob, events: _Event
             tar, _ = decompressed(reader)
             try:
                 res = import_layer(repo, tar, ident, before_commit=reader.finish)
+            except FormatError:
+                # Undecodable data: if the blob itself is not what the manifest names,
+                # that is the error to report.
+                tar.close()
+                reader.finish()
+                raise
             finally:
                 tar.close()
             verity, stats = res.verity, res.stats

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from cfsd.core.errors import FormatError, NotFound, RepositoryError
-from cfsd.oci.digest import Digest, InvalidDigest
+from cfsd.oci.digest import Digest, DigestMismatch, InvalidDigest
 from cfsd.oci.documents import MAX_MANIFEST, Descriptor
 from cfsd.oci.reference import ImageReference
 
@@ -159,7 +159,7 @@ class _FileStore:
         if length != size:
             if on_close:
                 on_close()
-            raise FormatError(f"blob {digest} has {length} bytes, descriptor says {size}")
+            raise DigestMismatch(f"blob {digest} has {length} bytes, descriptor says {size}")
         return FdRangeReader(fd, offset, length, on_close)
 
 
