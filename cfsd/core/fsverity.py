@@ -45,9 +45,10 @@ class Algorithm:
 
     def new(self, data: bytes | memoryview = b"") -> hashlib._Hash:
         """A fresh hashlib object for this algorithm."""
-        return hashlib.new(self.name, data)
+        return _CONSTRUCTORS[self.name](data)
 
 
+_CONSTRUCTORS = {"sha256": hashlib.sha256, "sha512": hashlib.sha512}
 SHA256 = Algorithm("sha256", 1, 32)
 SHA512 = Algorithm("sha512", 2, 64)
 ALGORITHMS = {a.name: a for a in (SHA256, SHA512)}
@@ -75,14 +76,13 @@ def parse_repo_algorithm(text: str) -> Algorithm:
 
 def _hash_blocks(alg: Algorithm, data: memoryview) -> bytes:
     """Concatenated hashes of each 4096-byte block of *data* (last block zero-padded)."""
-    h = hashlib.new
-    name = alg.name
+    h = _CONSTRUCTORS[alg.name]
     n = len(data)
     full = n - n % BLOCK_SIZE
-    out = b"".join([h(name, data[i:i + BLOCK_SIZE]).digest() for i in range(0, full, BLOCK_SIZE)])
+    out = b"".join([h(data[i:i + BLOCK_SIZE]).digest() for i in range(0, full, BLOCK_SIZE)])
     if full < n:
         tail = bytes(data[full:])
-        out += h(name, tail + bytes(BLOCK_SIZE - len(tail))).digest()
+        out += h(tail + bytes(BLOCK_SIZE - len(tail))).digest()
     return out
 
 

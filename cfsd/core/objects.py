@@ -14,6 +14,7 @@ an import that fails half-way leaves the repository exactly as it was.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import secrets
@@ -97,15 +98,23 @@ class ObjectWriter:
         if expected is not None and digest != expected:
             raise CorruptObject(f"object content hashes to {digest.hex()}, "
                                 f"expected {expected.hex()}")
-        ro = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
-        os.close(self.fd)
-        self.fd = ro
-        if fsverity.enable_verity(ro, repo.alg):
-            measured = fsverity.measure_verity(ro, repo.alg)
-            if measured is not None and measured != digest:
-                raise CorruptObject(f"kernel fs-verity {measured.hex()} != {digest.hex()}")
-        elif repo.secure:
-            raise RepositoryError("fs-verity is required but not supported by the filesystem")
+        if repo.verity_supported is not False:
+            # fs-verity needs a read-only fd and no writer; skipped once the filesystem has
+            # shown it has no fs-verity (insecure repositories only).
+            ro = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
+            os.close(self.fd)
+            self.fd = ro
+            enabled = fsverity.enable_verity(ro, repo.alg)
+            if enabled:
+                repo.verity_supported = True
+                measured = fsverity.measure_verity(ro, repo.alg)
+                if measured is not None and measured != digest:
+                    raise CorruptObject(f"kernel fs-verity {measured.hex()} != {digest.hex()}")
+            elif repo.secure:
+                raise RepositoryError("fs-verity is required but not supported by the "
+                                      "filesystem")
+            else:
+                repo.verity_supported = False
         if repo.object_ok(digest):
             return ObjectResult(digest, size, False)
         if self.staging is not None:
@@ -202,18 +211,19 @@ class Staging:
     def commit(self) -> None:
         """Publish every staged object into ``objects/`` and remove the staging area."""
         repo = self.repo
-        for digest, name in self.staged.items():
-            xx, rest = fsverity.object_path(digest).split("/")
-            dfd = repo.object_dir(xx)
-            try:
-                try:
-                    os.link(name, rest, src_dir_fd=self.fd, dst_dir_fd=dfd,
-                            follow_symlinks=False)
-                except FileExistsError:
+        dirs: dict[str, int] = {}
+        try:
+            for digest, name in self.staged.items():
+                xx, rest = fsverity.object_path(digest).split("/")
+                dfd = dirs.get(xx)
+                if dfd is None:
+                    dfd = dirs[xx] = repo.object_dir(xx)
+                if not rename_noreplace(self.fd, name, dfd, rest):
                     if not repo.object_ok(digest):
                         os.rename(name, rest, src_dir_fd=self.fd, dst_dir_fd=dfd)
                 repo.remember(digest)
-            finally:
+        finally:
+            for dfd in dirs.values():
                 os.close(dfd)
         self.staged.clear()
         self.abort()
@@ -232,6 +242,32 @@ class Staging:
 
     def __exit__(self, *exc: object) -> None:
         self.abort()
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_RENAME_NOREPLACE = 1
+_renameat2_ok = True
+
+
+def rename_noreplace(src_dir: int, src: str, dst_dir: int, dst: str) -> bool:
+    """renameat2(RENAME_NOREPLACE): False if *dst* exists (then *src* is left alone)."""
+    global _renameat2_ok
+    if _renameat2_ok:
+        if _libc.renameat2(src_dir, src.encode(), dst_dir, dst.encode(),
+                           _RENAME_NOREPLACE) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            return False
+        if err not in (errno.EINVAL, errno.ENOSYS):
+            raise OSError(err, os.strerror(err), dst)
+        _renameat2_ok = False
+    try:
+        os.link(src, dst, src_dir_fd=src_dir, dst_dir_fd=dst_dir, follow_symlinks=False)
+    except FileExistsError:
+        return False
+    os.unlink(src, dir_fd=src_dir)
+    return True
 
 
 def remove_stale_staging(repo: Repository) -> int:

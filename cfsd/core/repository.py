@@ -104,6 +104,7 @@ class Repository:
         self._objects_fd: int | None = None
         self._init_lock = threading.Lock()
         self._verified: set[bytes] = set()
+        self.verity_supported: bool | None = None
         self.closed = False
 
     # -- opening ---------------------------------------------------------------------------
@@ -317,6 +318,8 @@ class Repository:
         """True if the object exists and its content hashes to its name (cached per process)."""
         if digest in self._verified:
             return True
+        if not self.has_object(digest):
+            return False
         try:
             fd = self.open_object(digest, verify=False)
         except CorruptObject:
@@ -335,6 +338,7 @@ class Repository:
         return False
 
     def remember(self, digest: bytes) -> None:
+        """Record that *digest* is present and verified."""
         if len(self._verified) > 1_000_000:
             self._verified.clear()
         self._verified.add(digest)
@@ -442,12 +446,18 @@ class Repository:
             self.register_stream(content_id, digest, ref)
         return digest
 
-    def register_stream(self, content_id: str, digest: bytes, ref: str | None = None) -> None:
-        """Publish an already-stored splitstream object under its content id."""
+    def register_stream(self, content_id: str, digest: bytes, ref: str | None = None,
+                        *, sync: bool = True) -> None:
+        """Publish an already-stored splitstream object under its content id.
+
+        The name appears only after a syncfs made every object durable; pass ``sync=False``
+        only right after an explicit ``sync()`` that covered this stream's objects.
+        """
         validate_content_id(content_id)
         if ref is not None:
             validate_ref_name(ref)
-        self.sync()
+        if sync:
+            self.sync()
         self.symlink(f"streams/{content_id}", "objects/" + fsverity.object_path(digest))
         if ref is not None:
             self.symlink(f"streams/refs/{ref}", f"streams/{content_id}")

@@ -78,8 +78,12 @@ def sha256_digest(data: bytes) -> str:
 
 
 def write_config(repo: Repository, config: bytes, digest: str,
-                 layers: list[tuple[str, bytes]], images: dict[str, bytes] | None = None) -> bytes:
-    """Store the config splitstream ``oci-config-<digest>``; returns its verity."""
+                 layers: list[tuple[str, bytes]], images: dict[str, bytes] | None = None,
+                 *, publish: bool = True) -> bytes:
+    """Store the config splitstream ``oci-config-<digest>``; returns its verity.
+
+    With ``publish=False`` the stream is stored but not named (see publish_streams).
+    """
     w = repo.create_stream(OCI_CONFIG)
     for diff_id, verity in layers:
         w.add_named_stream_ref(diff_id, verity)
@@ -87,7 +91,8 @@ def write_config(repo: Repository, config: bytes, digest: str,
         w.add_named_stream_ref(key, (images or {})[key])
     w.write_external(config)
     verity = w.done()
-    repo.register_stream(CONFIG_PREFIX + digest, verity)
+    if publish:
+        repo.register_stream(CONFIG_PREFIX + digest, verity)
     return verity
 
 
@@ -96,7 +101,8 @@ def _image_ref_order(key: str) -> tuple[int, str]:
 
 
 def write_manifest(repo: Repository, manifest: bytes, digest: str, config_digest: str,
-                   config_verity: bytes, layers: list[tuple[str, bytes]]) -> bytes:
+                   config_verity: bytes, layers: list[tuple[str, bytes]],
+                   *, publish: bool = True) -> bytes:
     """Store the manifest splitstream ``oci-manifest-<digest>``; returns its verity."""
     w = repo.create_stream(OCI_MANIFEST)
     w.add_named_stream_ref(f"config:{config_digest}", config_verity)
@@ -104,8 +110,18 @@ def write_manifest(repo: Repository, manifest: bytes, digest: str, config_digest
         w.add_named_stream_ref(diff_id, verity)
     w.write_external(manifest)
     verity = w.done()
-    repo.register_stream(MANIFEST_PREFIX + digest, verity)
+    if publish:
+        repo.register_stream(MANIFEST_PREFIX + digest, verity)
     return verity
+
+
+def publish_streams(repo: Repository, streams: list[tuple[str, bytes]]) -> None:
+    """Name many stored streams behind one durability barrier (one syncfs)."""
+    if not streams:
+        return
+    repo.sync()
+    for content_id, verity in streams:
+        repo.register_stream(content_id, verity, sync=False)
 
 
 def write_blob_layer(repo: Repository, data: bytes, digest: str) -> bytes:

@@ -60,11 +60,13 @@ class LayerResult:
 
 
 def import_layer(repo: Repository, src: Reader, diff_id: str, name: str | None = None, *,
-                 before_commit: Callable[[], None] | None = None) -> LayerResult:
+                 before_commit: Callable[[], None] | None = None,
+                 publish: bool = True) -> LayerResult:
     """Split the uncompressed tar read from *src* into ``oci-layer-<diff_id>``.
 
     *before_commit* runs after the diff_id matched and before anything becomes visible (a
-    pull uses it to finish verifying the compressed blob).
+    pull uses it to finish verifying the compressed blob).  With ``publish=False`` the
+    objects are committed but the stream is not named (the caller registers it later).
     """
     digest = Digest.parse(diff_id)
     content_id = layer_stream_id(digest)
@@ -84,7 +86,8 @@ def import_layer(repo: Repository, src: Reader, diff_id: str, name: str | None =
         if before_commit is not None:
             before_commit()
         staging.commit()
-    repo.register_stream(content_id, verity, name)
+    if publish:
+        repo.register_stream(content_id, verity, name)
     stats = ImportStats(objects_copied=writer.new_objects,
                         objects_already_present=writer.present_objects,
                         bytes_copied=writer.new_bytes, bytes_inlined=writer.inline_bytes)

@@ -208,7 +208,8 @@ def _import_one(repo: Repository, source: Source, job: _LayerJob, events: _Event
         if job.container:
             tar, _ = decompressed(reader)
             try:
-                res = import_layer(repo, tar, ident, before_commit=reader.finish)
+                res = import_layer(repo, tar, ident, before_commit=reader.finish,
+                                   publish=False)
             except FormatError:
                 # Undecodable data: if the blob itself is not what the manifest names,
                 # that is the error to report.
@@ -226,8 +227,8 @@ def _import_one(repo: Repository, source: Source, job: _LayerJob, events: _Event
     return verity, stats
 
 
-def _import_blob(repo: Repository, reader: VerifyingReader, digest: str
-                 ) -> tuple[bytes, ImportStats]:
+def _import_blob(repo: Repository, reader: VerifyingReader, digest: str,
+                 publish: bool = False) -> tuple[bytes, ImportStats]:
     """An artifact blob: one streamed object wrapped in an oci_blob splitstream."""
     with repo.staging() as staging:
         w = staging.object_writer()
@@ -242,7 +243,8 @@ def _import_blob(repo: Repository, reader: VerifyingReader, digest: str
         ss.add_external(res.digest, res.size, new=res.new)
         verity = ss.done()
         staging.commit()
-    repo.register_stream(image.layer_id(digest), verity)
+    if publish:
+        repo.register_stream(image.layer_id(digest), verity)
     stats = ImportStats(objects_copied=int(res.new), objects_already_present=int(not res.new),
                         bytes_copied=res.size if res.new else 0)
     return verity, stats
@@ -333,16 +335,22 @@ def _pull(repo: Repository, source: Source, opts: PullOptions
     jobs.sort(key=lambda j: -j.desc.size)
     yield from _run_layers(repo, source, jobs, layer_refs, stats, opts)
 
+    # Everything below is stored first and named after one syncfs.
+    to_publish = [(image.layer_id(j.stream_id_digest), layer_refs[j.stream_id_digest])
+                  for j in jobs]
     ordered = [(ident, layer_refs[ident]) for ident in ids]
     if config_verity is None:
-        config_verity = image.write_config(repo, cbytes, cdesc.digest, ordered)
+        config_verity = image.write_config(repo, cbytes, cdesc.digest, ordered, publish=False)
+        to_publish.append((image.CONFIG_PREFIX + cdesc.digest, config_verity))
     manifest_verity = repo.has_stream(image.MANIFEST_PREFIX + mdigest)
     if manifest_verity is None or not repo.has_object(manifest_verity):
         yield {"message": f"Storing manifest {mdigest}"}
         manifest_verity = image.write_manifest(repo, mbytes, mdigest, cdesc.digest,
-                                               config_verity, ordered)
+                                               config_verity, ordered, publish=False)
+        to_publish.append((image.MANIFEST_PREFIX + mdigest, manifest_verity))
     else:
         yield {"message": f"Already have manifest {mdigest}"}
+    image.publish_streams(repo, to_publish)
     return PullResult(mdigest, cdesc.digest, manifest_verity, config_verity, stats, None)
 
 
