@@ -10,7 +10,7 @@ bytes) inline, so that ``cat`` reproduces the tar byte for byte.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -421,3 +421,96 @@ def split_tar(src: Reader, writer: SplitStreamWriter,
             n = min(pad, len(b))
             writer.write_inline(b.take(n))
             pad -= n
+
+
+class _ChunkCursor:
+    """Inline bytes and external references of a layer splitstream, consumed in order."""
+
+    def __init__(self, chunks: Iterator[tuple[bool, bytes]]) -> None:
+        self.chunks = chunks
+        self.buf = bytearray()
+        self.pos = 0
+        self.external: bytes | None = None   # an external ref waiting after the inline data
+        self.done = False
+
+    def available(self) -> int:
+        return len(self.buf) - self.pos
+
+    def fill(self, n: int) -> bool:
+        """Make *n* inline bytes available (False if an external ref or the end comes first)."""
+        while self.available() < n:
+            if self.external is not None or self.done:
+                return False
+            try:
+                external, data = next(self.chunks)
+            except StopIteration:
+                self.done = True
+                return False
+            if external:
+                self.external = data
+                return False
+            if self.pos > READ_SIZE:
+                del self.buf[:self.pos]
+                self.pos = 0
+            self.buf += data
+        return True
+
+    def take(self, n: int) -> bytes:
+        out = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        return out
+
+    def take_external(self) -> bytes | None:
+        """The next chunk if it is an external reference (and no inline bytes precede it)."""
+        if self.available():
+            return None
+        if self.external is None:
+            self.fill(1)
+        ext, self.external = self.external, None
+        return ext
+
+
+def layer_entries(chunks: Iterator[tuple[bool, bytes]]
+                  ) -> Iterator[tuple[TarEntry, bytes | tuple[bytes, int]]]:
+    """Entries of a layer splitstream with their content: inline bytes or (object, size).
+
+    Reads back what split_tar wrote (storage.md 5.4): headers from inline data, then either
+    an external object (regular files > 64 bytes) or the inline body, then the padding.
+    """
+    cur = _ChunkCursor(chunks)
+    parser = TarParser()
+    need = BLOCK
+    while True:
+        if not cur.fill(need):
+            if cur.available() == 0 and need == BLOCK and cur.done:
+                return
+            raise TarError("layer stream ends inside a tar header")
+        ev = parser.parse(memoryview(cur.buf)[cur.pos:])
+        if isinstance(ev, NeedData):
+            need = ev.min_bytes
+            continue
+        need = BLOCK
+        if isinstance(ev, GlobalEvent):
+            cur.take(ev.consumed)
+            continue
+        if isinstance(ev, EndEvent):
+            return
+        entry = ev.entry
+        cur.take(ev.consumed)
+        content: bytes | tuple[bytes, int]
+        if entry.is_file and entry.size > INLINE_CONTENT_MAX:
+            ext = cur.take_external()
+            if ext is None:
+                raise TarError(f"{entry.path!r}: expected external content")
+            content = (ext, entry.size)
+            pad = entry.padded_size - entry.size
+        else:
+            if not cur.fill(entry.size):
+                raise TarError(f"{entry.path!r}: inline content truncated")
+            content = cur.take(entry.size)
+            pad = entry.padded_size - entry.size
+        if pad:
+            if not cur.fill(pad):
+                raise TarError(f"{entry.path!r}: padding truncated")
+            cur.take(pad)
+        yield entry, content
