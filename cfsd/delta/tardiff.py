@@ -46,7 +46,7 @@ from typing import Protocol
 import zstandard
 
 from cfsd.core.errors import FormatError
-from cfsd.delta.zstdframe import FrameWalker, WalkedReader, ZstdFrameError
+from cfsd.delta.zstdframe import FrameWalker, Reader, WalkedReader, ZstdFrameError
 
 HEADER_V1 = b"tardf1\n\0"
 HEADER_V2 = b"tardf2\n\0"
@@ -95,12 +95,6 @@ class SourceResolver(Protocol):
     def open_source(self, name: str) -> SourceFile:
         """A new file object for regular file *name*; raise SourceFileError if there is none."""
         ...
-
-
-class Reader(Protocol):
-    """Anything with ``read(n) -> bytes`` (empty at EOF)."""
-
-    def read(self, n: int = ..., /) -> bytes: ...
 
 
 class Writer(Protocol):

@@ -501,9 +501,9 @@ class _Encoder:
                 w.literal(memoryview(extra)[epos:epos + y])
                 epos += y
             pos += z
-            if not 0 <= pos <= len(old):
-                raise TarDiffError(f"bsdiff produced an impossible seek to {pos}")
-            if i + 24 < len(ctrl):
+            if i + 24 < len(ctrl):   # the last triple's seek is meaningless: not emitted
+                if not 0 <= pos <= len(old):
+                    raise TarDiffError(f"bsdiff produced an impossible seek to {pos}")
                 w.seek(pos)
         if dpos != len(diff) or epos != len(extra):
             raise TarDiffError("bsdiff control data does not cover its output")

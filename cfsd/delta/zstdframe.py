@@ -26,7 +26,6 @@ class Reader(Protocol):
     def read(self, n: int = ..., /) -> bytes: ...
 
 
-
 _ZSTD_MAGIC = 0xFD2FB528
 _SKIPPABLE_MASK = 0xFFFFFFF0
 _SKIPPABLE_MAGIC = 0x184D2A50
