@@ -8,6 +8,7 @@ import os
 import sys
 
 from cfsctl.client import CallError
+from cfsctl.commands import delta
 from cfsctl.context import CommandError, Context, UsageError
 from cfsctl.output import fsck_text, print_json, table
 from cfsctl.progress import ProgressView
@@ -215,3 +216,5 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("image", nargs="?")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_fsck)
+
+    delta.register(osub)

@@ -26,6 +26,7 @@ from cfsd.oci import documents, image, mediatypes
 from cfsd.oci.compression import decompressed
 from cfsd.oci.digest import Digest, DigestMismatch
 from cfsd.oci.documents import Descriptor, Manifest
+from cfsd.oci.finalize import finalize_image
 from cfsd.oci.layers import import_layer
 from cfsd.oci.reference import ImageReference, parse
 from cfsd.oci.registry import Credentials
@@ -43,6 +44,19 @@ class Cancelled(RepositoryError):
 
 class UnsupportedImage(FormatError):
     """A manifest or layer kind cfsd does not import."""
+
+
+class DeltaArtifact(RepositoryError):  # noqa: N818 - a signal, not a failure
+    """The reference names an oci-delta artifact: the caller applies it instead.
+
+    Carries the verified manifest bytes and digest and the still-open source.
+    """
+
+    def __init__(self, manifest: bytes, digest: str, source: Source) -> None:
+        super().__init__(f"{digest} is an oci-delta artifact")
+        self.manifest = manifest
+        self.digest = digest
+        self.source = source
 
 
 def host_platform() -> str:
@@ -77,6 +91,7 @@ class PullResult:
     config_verity: bytes
     stats: ImportStats
     tag: str | None
+    images: dict[int, bytes] = field(default_factory=dict)
 
 
 class VerifyingReader:
@@ -269,8 +284,16 @@ def pull(repo: Repository, reference: str, options: PullOptions | None = None
                          credentials=opts.credentials, auth_configs=opts.auth_configs)
     try:
         result = yield from _pull(repo, source, opts)
-    finally:
+    except DeltaArtifact:
+        raise  # the caller owns the source now
+    except BaseException:
         source.close()
+        raise
+    source.close()
+    yield {"message": "Generating composefs image"}
+    done = finalize_image(repo, result.manifest_digest)
+    result.manifest_verity, result.config_verity = done.manifest_verity, done.config_verity
+    result.images = done.images
     if opts.tag is not None:
         image.tag(repo, result.manifest_digest, opts.tag)
         result.tag = opts.tag
@@ -282,7 +305,7 @@ def _pull(repo: Repository, source: Source, opts: PullOptions
     mbytes, mdigest = resolve_manifest(source, opts.platform or host_platform())
     manifest: Manifest = documents.parse_manifest(mbytes)
     if manifest.artifact_type == mediatypes.DELTA_ARTIFACT:
-        raise UnsupportedImage("this is an oci-delta artifact; apply it with ApplyDelta")
+        raise DeltaArtifact(mbytes, mdigest, source)
     cdesc = manifest.config
     container = mediatypes.is_container_config(cdesc.media_type)
     stats = ImportStats()

@@ -12,11 +12,12 @@ from cfsd.oci import image as oci_image
 from cfsd.oci.digest import Digest
 from cfsd.oci.fsck import oci_fsck
 from cfsd.oci.layers import import_layer, layer_stream_id
-from cfsd.oci.pull import PullOptions, pull
+from cfsd.oci.pull import DeltaArtifact, PullOptions, pull
 from cfsd.oci.reference import InvalidReference
 from cfsd.oci.registry import AuthenticationError, Credentials, RegistryError
 from cfsd.service import auth
 from cfsd.service.binding import Call, PeerCreds, VarlinkError
+from cfsd.service.delta_api import DeltaMethods
 from cfsd.service.errors import OCI
 from cfsd.service.repository_api import require_writer
 from cfsd.service.state import State
@@ -69,7 +70,7 @@ def caller_auth_configs(creds: PeerCreds, auth_file: str | None) -> list[bytes]:
     return out
 
 
-class OciAPI:
+class OciAPI(DeltaMethods):
     """Implementation of org.composefs.Oci."""
 
     def __init__(self, state: State) -> None:
@@ -178,6 +179,8 @@ class OciAPI:
             with repo.lock.shared(), auth.fs_identity(repo.fd):
                 try:
                     result = yield from pull(repo, image, opts)
+                except DeltaArtifact as delta:
+                    return (yield from self.apply_delta_from_pull(call, h, delta, opts))
                 except InvalidReference as e:
                     raise _err("InvalidRequest", message=str(e)) from None
                 except NotFound as e:
