@@ -212,10 +212,67 @@ class _Events:
         return cb
 
 
+class _InFlight:
+    """Layers being imported right now in this process, so racing pulls write them once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._futures: dict[tuple[int, int, str], concurrent.futures.Future[bytes]] = {}
+
+    def claim(self, repo: Repository, ident: str
+              ) -> tuple[concurrent.futures.Future[bytes], bool]:
+        """(future, True) for the importer; (the importer's future, False) for others."""
+        st = os.fstat(repo.fd)
+        key = (st.st_dev, st.st_ino, ident)
+        with self._lock:
+            fut = self._futures.get(key)
+            if fut is not None:
+                return fut, False
+            fut = self._futures[key] = concurrent.futures.Future()
+            return fut, True
+
+    def release(self, repo: Repository, ident: str) -> None:
+        """Forget a finished import."""
+        st = os.fstat(repo.fd)
+        with self._lock:
+            self._futures.pop((st.st_dev, st.st_ino, ident), None)
+
+
+_INFLIGHT = _InFlight()
+
+
 def _import_one(repo: Repository, source: Source, job: _LayerJob, events: _Events,
                 cancel: threading.Event) -> tuple[bytes, ImportStats]:
     ident = job.stream_id_digest
+    while True:
+        fut, owner = _INFLIGHT.claim(repo, ident)
+        if owner:
+            break
+        try:
+            verity = fut.result()
+        except BaseException:  # noqa: BLE001 - the other import failed: do our own
+            continue
+        events.put({"skipped": {"id": ident}})
+        return verity, ImportStats(layers_already_present=1)
+    try:
+        verity, stats = _import_fetch(repo, source, job, events, cancel)
+    except BaseException as e:
+        fut.set_exception(e)
+        _INFLIGHT.release(repo, ident)
+        raise
+    fut.set_result(verity)
+    _INFLIGHT.release(repo, ident)
+    return verity, stats
+
+
+def _import_fetch(repo: Repository, source: Source, job: _LayerJob, events: _Events,
+                  cancel: threading.Event) -> tuple[bytes, ImportStats]:
+    ident = job.stream_id_digest
     desc = job.desc
+    existing = _existing_layer(repo, ident)
+    if existing is not None:
+        events.put({"skipped": {"id": ident}})
+        return existing, ImportStats(layers_already_present=1)
     events.put({"started": {"id": ident, "total": desc.size, "unit": "Bytes"}})
     reader = VerifyingReader(source.blob(desc.digest, desc.size), desc.digest, desc.size,
                              events.progress(ident, desc.size), cancel)
