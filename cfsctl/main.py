@@ -7,7 +7,7 @@ import os
 import sys
 
 from cfsctl.client import CallError, ConnectError
-from cfsctl.commands import oci, repo
+from cfsctl.commands import image, oci, repo
 from cfsctl.context import CommandError, Context, UsageError
 
 VERSION = "0.1.0"
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"cfsctl {VERSION}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     repo.register(sub)
+    image.register(sub)
     oci.register(sub)
     return p
 

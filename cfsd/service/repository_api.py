@@ -15,6 +15,7 @@ from cfsd.core.repository import Repository
 from cfsd.service import auth
 from cfsd.service.binding import Call, VarlinkError
 from cfsd.service.errors import REPOSITORY
+from cfsd.service.image_api import ImageMethods
 from cfsd.service.state import SYSTEM_REPO, Handle, State, user_repo_path
 
 
@@ -44,7 +45,7 @@ def _absolute(path: str) -> str:
     return path
 
 
-class RepositoryAPI:
+class RepositoryAPI(ImageMethods):
     """Implementation of org.composefs.Repository."""
 
     def __init__(self, state: State) -> None:
