@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +93,12 @@ class Registry:
 
 
 def build_image(layout: Path, tag: str, files: dict[str, bytes], base: str | None = None,
-                arch: str | None = None, remove: tuple[str, ...] = ()) -> None:
-    """An image in an OCI layout with umoci: *base* tag (or empty) plus one layer."""
+                arch: str | None = None, remove: tuple[str, ...] = (),
+                customize: Callable[[Path], None] | None = None) -> None:
+    """An image in an OCI layout with umoci: *base* tag (or empty) plus one layer.
+
+    *customize* gets the rootfs directory to add links, special files, xattrs...
+    """
     require_tools("umoci")
     if not (layout / "index.json").exists():
         sh("umoci", "init", "--layout", str(layout))
@@ -116,6 +121,8 @@ def build_image(layout: Path, tag: str, files: dict[str, bytes], base: str | Non
         p = root / name
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(data)
+    if customize is not None:
+        customize(root)
     sh("umoci", "repack", "--image", f"{layout}:{tag}", str(bundle))
     if arch is not None:
         sh("umoci", "config", "--image", f"{layout}:{tag}", "--architecture", arch)

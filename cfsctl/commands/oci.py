@@ -127,7 +127,21 @@ def cmd_untag(ctx: Context, a: argparse.Namespace) -> int:
 
 
 def cmd_layer(ctx: Context, a: argparse.Namespace) -> int:
-    """The exact layer tar to stdout."""
+    """The exact layer tar to stdout (or its entries as a dumpfile, or facts as JSON)."""
+    if a.json:
+        info = ctx.call(OCI + "LayerInfo", handle=ctx.handle, diff_id=a.diff_id)
+        split = info["splitstream"]
+        print_json({"diffId": info["diff_id"], "verity": info["verity"], "size": info["size"],
+                    "entryCount": info["entry_count"],
+                    "splitstream": {"externalObjects": split["external_objects"],
+                                    "externalSize": split["external_size"],
+                                    "inlineSize": split["inline_size"]}})
+        return 0
+    if a.dumpfile:
+        sys.stdout.flush()
+        ctx.client.call(OCI + "LayerDump", {"handle": ctx.handle, "diff_id": a.diff_id},
+                        fds=[1])
+        return 0
     if os.isatty(1):
         raise CommandError("Refusing to write tar data to terminal; redirect stdout")
     sys.stdout.flush()
@@ -138,6 +152,58 @@ def cmd_layer(ctx: Context, a: argparse.Namespace) -> int:
         if e.short == "NoSuchRef":
             raise CommandError(f"no such layer: {a.diff_id}") from None
         raise
+    return 0
+
+
+XATTRS = {None: None, "allowlist-only": "AllowlistOnly", "keep-user-xattrs": "KeepUserXattrs"}
+
+
+def cmd_compute_id(ctx: Context, a: argparse.Namespace) -> int:
+    """Print the composefs image id (hex) of an image's root filesystem."""
+    try:
+        reply = ctx.call(OCI + "ComputeId", handle=ctx.handle, image=a.image,
+                         verity=a.config_verity, bootable=a.bootable, xattrs=XATTRS[a.xattrs])
+    except CallError as e:
+        raise _no_such_image(e, a.image) from None
+    print(reply["image_id"])
+    return 0
+
+
+def cmd_dump(ctx: Context, a: argparse.Namespace) -> int:
+    """An image's root filesystem as a dumpfile."""
+    if a.bootable:
+        raise CommandError("bootable images are not supported by cfsd")
+    sys.stdout.flush()
+    try:
+        ctx.client.call(OCI + "Dump", {"handle": ctx.handle, "image": a.image,
+                                       "xattrs": XATTRS[a.xattrs]}, fds=[1])
+    except CallError as e:
+        raise _no_such_image(e, a.image) from None
+    return 0
+
+
+def cmd_mount(ctx: Context, a: argparse.Namespace) -> int:
+    """Mount an image's composefs at a directory."""
+    from cfsctl.mounting import attach
+    target = os.path.abspath(a.mountpoint)
+    for reply, fds in ctx.client.stream(OCI + "OciMount", {
+            "handle": ctx.handle, "image": a.image, "bootable": a.bootable, "options": {}},
+            more=False):
+        try:
+            attach(fds[reply["fd_index"]], target)
+        finally:
+            for fd in fds:
+                os.close(fd)
+    return 0
+
+
+def cmd_checkout(ctx: Context, a: argparse.Namespace) -> int:
+    """Write an image's files into a directory."""
+    reply = ctx.call(OCI + "Checkout", handle=ctx.handle, image=a.image,
+                     directory=os.path.abspath(a.directory))
+    for s in reply["skipped"]:
+        print(f"skipped {s}", file=sys.stderr)
+    print(f"Checked out {reply['entries']} entries to {a.directory}")
     return 0
 
 
@@ -210,7 +276,35 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     p = osub.add_parser("layer", help="write a layer tar to stdout")
     p.add_argument("diff_id")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--dumpfile", action="store_true", help="entries as dumpfile lines")
+    g.add_argument("--json", action="store_true", help="layer facts as JSON")
     p.set_defaults(func=cmd_layer)
+
+    p = osub.add_parser("compute-id", help="composefs image id of an image's rootfs")
+    p.add_argument("image")
+    p.add_argument("config_verity", nargs="?")
+    p.add_argument("--bootable", action="store_true")
+    p.add_argument("--xattrs", choices=("allowlist-only", "keep-user-xattrs"))
+    p.set_defaults(func=cmd_compute_id)
+
+    p = osub.add_parser("dump", help="an image's rootfs as a composefs dumpfile")
+    p.add_argument("image")
+    p.add_argument("config_verity", nargs="?")
+    p.add_argument("--bootable", action="store_true")
+    p.add_argument("--xattrs", choices=("allowlist-only", "keep-user-xattrs"))
+    p.set_defaults(func=cmd_dump)
+
+    p = osub.add_parser("mount", help="mount an image (root only)")
+    p.add_argument("image")
+    p.add_argument("mountpoint")
+    p.add_argument("--bootable", action="store_true")
+    p.set_defaults(func=cmd_mount)
+
+    p = osub.add_parser("checkout", help="materialize an image into a directory")
+    p.add_argument("image")
+    p.add_argument("directory")
+    p.set_defaults(func=cmd_checkout)
 
     p = osub.add_parser("fsck", help="OCI-aware integrity check")
     p.add_argument("image", nargs="?")

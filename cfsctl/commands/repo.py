@@ -100,6 +100,33 @@ def cmd_image_objects(ctx: Context, a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mount(ctx: Context, a: argparse.Namespace) -> int:
+    """Mount a stored composefs image (root only)."""
+    from cfsctl.mounting import attach
+    if bool(a.upperdir) != bool(a.workdir):
+        raise CommandError("--upperdir and --workdir require each other")
+    if a.read_write and not a.upperdir:
+        raise CommandError("--read-write requires --upperdir")
+    fds_in = []
+    try:
+        if a.upperdir:
+            for d in (a.upperdir, a.workdir):
+                fds_in.append(os.open(d, os.O_RDONLY | os.O_DIRECTORY))
+        options = {"overlay": bool(a.upperdir) or None, "read_write": a.read_write or None}
+        for reply, fds in ctx.client.stream(R + "Mount", {
+                "handle": ctx.handle, "name": a.name, "options": options}, fds=fds_in,
+                more=False):
+            try:
+                attach(fds[reply["fd_index"]], os.path.abspath(a.mountpoint))
+            finally:
+                for fd in fds:
+                    os.close(fd)
+    finally:
+        for fd in fds_in:
+            os.close(fd)
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the repository commands."""
     p = sub.add_parser("init", help="create or verify a repository")
@@ -130,6 +157,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         p.add_argument("--json", action="store_true")
         p.add_argument("--no-trunc", action="store_true")
         p.set_defaults(func=cmd_images)
+
+    p = sub.add_parser("mount", help="mount a composefs image (root only)")
+    p.add_argument("name")
+    p.add_argument("mountpoint")
+    p.add_argument("--upperdir")
+    p.add_argument("--workdir")
+    p.add_argument("--read-write", action="store_true")
+    p.set_defaults(func=cmd_mount)
 
     p = sub.add_parser("image-objects", help="objects referenced by an image")
     p.add_argument("name")

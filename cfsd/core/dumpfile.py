@@ -524,3 +524,19 @@ def dump_image_c(image: bytes, filters: list[bytes] | None = None) -> bytes:
     return _dump(image, filters)
 
 
+
+
+def directory_line(path: bytes, st: Stat, nlink: int) -> bytes:
+    """One dumpfile line for a directory (used to render layer entries one by one)."""
+    return _line(path, st, S_IFDIR, 0, nlink, 0, b"", b"", None)
+
+
+def leaf_line(path: bytes, st: Stat, content: object, nlink: int) -> bytes:
+    """One dumpfile line for a leaf with the given content."""
+    return _leaf_line(path, Leaf(st, content), nlink)  # type: ignore[arg-type]
+
+
+def hardlink_line(path: bytes, target: bytes) -> bytes:
+    """One dumpfile line for a hardlink entry (``@120000`` notation)."""
+    return (escape_optional(path) + b" 0 @120000 - - - - 0.0 " + escape_optional(target)
+            + b" - -\n")

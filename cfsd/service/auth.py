@@ -190,3 +190,21 @@ def fs_identity(dir_fd: int) -> Iterator[None]:
     finally:
         _libc.setfsgid(old_gid)
         _libc.setfsuid(old_uid)
+
+
+@contextlib.contextmanager
+def caller_identity(creds: PeerCreds) -> Iterator[None]:
+    """Run the block with the caller's filesystem identity (root daemon serving a user).
+
+    Files created belong to the caller and the kernel checks the caller's permissions.
+    """
+    if os.geteuid() != 0 or creds.uid in (0, -1):
+        yield
+        return
+    old_uid = _libc.setfsuid(creds.uid)
+    old_gid = _libc.setfsgid(creds.gid)
+    try:
+        yield
+    finally:
+        _libc.setfsgid(old_gid)
+        _libc.setfsuid(old_uid)

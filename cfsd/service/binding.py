@@ -186,7 +186,11 @@ class Call:
         return fd
 
     def close_fds(self) -> None:
-        """Close every received fd not taken by the implementation."""
+        """Close every received fd not taken by the implementation (and unsent reply fds)."""
+        for fd in self.reply_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.reply_fds.clear()
         for i, fd in enumerate(self.fds):
             if fd >= 0:
                 with contextlib.suppress(OSError):
@@ -417,7 +421,12 @@ class Service:
         if continues:
             msg["continues"] = True
         fds, call.reply_fds = call.reply_fds, []
-        call.connection.send(msg, fds)
+        try:
+            call.connection.send(msg, fds)
+        finally:
+            for fd in fds:  # the peer has its own copies now
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def _stream(self, call: Call, entry: _Iface, member: vs._Method,
                 gen: Generator[dict[str, Any], None, dict[str, Any]]) -> None:

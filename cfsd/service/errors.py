@@ -11,6 +11,7 @@ from cfsd.core.errors import (
     RepoNotFound,
     RepositoryError,
 )
+from cfsd.core.mount import MountError
 from cfsd.oci.digest import InvalidDigest
 from cfsd.oci.layers import DiffIdMismatch
 from cfsd.service.auth import PermissionDenied
@@ -44,6 +45,9 @@ def map_error(iface: str, e: Exception) -> VarlinkError | None:
     if isinstance(e, NotFound):
         return err("NoSuchImage", image=str(e)) if iface == OCI else err(
             "NoSuchRef", reference=str(e))
+    if isinstance(e, MountError):
+        return err("PermissionDenied" if "CAP_SYS_ADMIN" in str(e) else "InternalError",
+                   message=str(e))
     if isinstance(e, TimeoutError):
         return err("Busy", message=str(e) or "repository is busy")
     if isinstance(e, AlreadyInitialized | NotWritable | RepositoryError):

@@ -19,6 +19,7 @@ from cfsd.service import auth
 from cfsd.service.binding import Call, PeerCreds, VarlinkError
 from cfsd.service.delta_api import DeltaMethods
 from cfsd.service.errors import OCI
+from cfsd.service.oci_image_api import OciImageMethods
 from cfsd.service.repository_api import require_writer
 from cfsd.service.state import State
 
@@ -70,7 +71,7 @@ def caller_auth_configs(creds: PeerCreds, auth_file: str | None) -> list[bytes]:
     return out
 
 
-class OciAPI(DeltaMethods):
+class OciAPI(DeltaMethods, OciImageMethods):
     """Implementation of org.composefs.Oci."""
 
     def __init__(self, state: State) -> None:

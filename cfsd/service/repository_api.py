@@ -16,6 +16,7 @@ from cfsd.service import auth
 from cfsd.service.binding import Call, VarlinkError
 from cfsd.service.errors import REPOSITORY
 from cfsd.service.image_api import ImageMethods
+from cfsd.service.oci_image_api import mount_fds
 from cfsd.service.state import SYSTEM_REPO, Handle, State, user_repo_path
 
 
@@ -168,6 +169,20 @@ class RepositoryAPI(ImageMethods):
         with self.state.use(call, handle, REPOSITORY) as h:
             refs = h.repo.list_refs("images")
             return {"images": [{"name": n, "digest": t.rsplit("/", 1)[-1]} for n, t in refs]}
+
+    def Mount(self, call: Call, handle: int, name: str,  # noqa: N802
+              options: dict[str, Any]) -> dict[str, Any]:
+        """A detached composefs mount of a stored image (fd out)."""
+        if call.creds.uid != 0:
+            raise auth.PermissionDenied("mounting needs root")
+        with self.state.use(call, handle, REPOSITORY) as h:
+            try:
+                image_id = h.repo.resolve_image(name)
+            except NotFound:
+                raise VarlinkError(f"{REPOSITORY}.NoSuchRef", {"reference": name}) from None
+            call.reply_fds.append(mount_fds(h.repo, image_id, options, call.fds,
+                                            f"{REPOSITORY}.InvalidSpec"))
+            return {"fd_index": 0}
 
     def Cat(self, call: Call, handle: int, name: str) -> dict[str, Any]:  # noqa: N802
         """Reassemble a splitstream into the fd passed with the request."""
