@@ -38,20 +38,14 @@ class Registry:
 
     def __init__(self, user: str | None = None, password: str | None = None) -> None:
         require_tools("docker-registry")
+        self.user, self.password = user, password
         self.dir = Path(tempfile.mkdtemp(prefix="cfsd-registry-"))
         (self.dir / "data").mkdir()
-        auth = ""
-        if user is not None:
-            import bcrypt
-            assert password is not None
-            hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()
-            (self.dir / "htpasswd").write_text(f"{user}:{hashed}\n")
-            auth = f"auth: {{htpasswd: {{realm: cfsd-test, path: {self.dir / 'htpasswd'}}}}}\n"
         (self.dir / "config.yml").write_text(
             "version: 0.1\nlog: {level: info, accesslog: {disabled: true}}\n"
             f"storage: {{filesystem: {{rootdirectory: {self.dir / 'data'}}}, "
             "delete: {enabled: true}}\n"
-            "http: {addr: 127.0.0.1:0}\n" + auth)
+            "http: {addr: 127.0.0.1:0}\n" + self.auth_config())
         self.log = open(self.dir / "registry.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(["docker-registry", "serve", str(self.dir / "config.yml")],
                                      stderr=self.log, stdout=subprocess.DEVNULL)
@@ -73,6 +67,16 @@ class Registry:
                     break
             except httpx.TransportError:
                 time.sleep(0.01)
+
+    def auth_config(self) -> str:
+        """The ``auth:`` section of the registry configuration (htpasswd with a user)."""
+        if self.user is None:
+            return ""
+        import bcrypt
+        assert self.password is not None
+        hashed = bcrypt.hashpw(self.password.encode(), bcrypt.gensalt(rounds=4)).decode()
+        (self.dir / "htpasswd").write_text(f"{self.user}:{hashed}\n")
+        return f"auth: {{htpasswd: {{realm: cfsd-test, path: {self.dir / 'htpasswd'}}}}}\n"
 
     def push(self, src: str, name: str, all_images: bool = False) -> str:
         """skopeo copy *src* to this registry as *name*; returns the docker:// reference."""

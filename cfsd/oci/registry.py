@@ -25,7 +25,7 @@ from cfsd.oci.documents import MAX_MANIFEST
 from cfsd.oci.reference import DOCKER_HUB, ImageReference
 
 RETRIES = 4
-CHUNK = 1 << 20
+CHUNK = 1 << 16
 TIMEOUT = httpx.Timeout(30.0, connect=10.0)
 _TRANSIENT = {408, 425, 429, 500, 502, 503, 504}
 _CHALLENGE = re.compile(r'(\w+)="([^"]*)"')
