@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import varlink
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,3 +123,28 @@ def tree_listing(root: Path) -> dict[str, tuple[int, int, str]]:
             out[os.path.relpath(p, root)] = (st.st_mode, st.st_size if not
                                              os.path.isdir(p) else 0, target)
     return out
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[Path]:
+    """A world-readable scratch dir holding a copy of cfsctl another uid can run."""
+    d = Path(tempfile.mkdtemp(prefix="cfsd-auth-"))
+    d.chmod(0o755)
+    lib = d / "lib"
+    shutil.copytree(ROOT / "cfsctl", lib / "cfsctl")
+    shutil.copytree(Path(varlink.__file__).parent, lib / "varlink")
+    shutil.copytree(ROOT / "interfaces", d / "interfaces")
+    for p in [d, *d.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    yield d
+    shutil.rmtree(d)
+
+
+@pytest.fixture(scope="module")
+def open_daemon(world: Path) -> Iterator[Daemon]:
+    sockdir = world / "sock"
+    sockdir.mkdir()
+    sockdir.chmod(0o755)
+    d = Daemon(sockdir, "--socket-mode", "0666")
+    yield d
+    d.stop()

@@ -6,59 +6,15 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import shutil
-import subprocess
 import tarfile
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import varlink
 
-from tests.conftest import ROOT, Daemon, run_cfsctl, tree_listing
+from tests.conftest import Daemon, run_cfsctl, tree_listing
+from tests.otheruser import NOBODY, as_nobody, other_user_marks
 
-NOBODY = 65534
-SYSTEM_PY = "/usr/bin/python3"
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch uid"),
-    pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv not installed"),
-    pytest.mark.skipif(not os.access(SYSTEM_PY, os.X_OK), reason=f"{SYSTEM_PY} missing"),
-]
-
-
-@pytest.fixture(scope="module")
-def world() -> Iterator[Path]:
-    """A world-readable scratch dir holding a copy of cfsctl the other uid can run."""
-    d = Path(tempfile.mkdtemp(prefix="cfsd-auth-"))
-    d.chmod(0o755)
-    lib = d / "lib"
-    shutil.copytree(ROOT / "cfsctl", lib / "cfsctl")
-    shutil.copytree(Path(varlink.__file__).parent, lib / "varlink")
-    shutil.copytree(ROOT / "interfaces", d / "interfaces")
-    for p in [d, *d.rglob("*")]:
-        p.chmod(0o755 if p.is_dir() else 0o644)
-    yield d
-    shutil.rmtree(d)
-
-
-@pytest.fixture(scope="module")
-def open_daemon(world: Path) -> Iterator[Daemon]:
-    sockdir = world / "sock"
-    sockdir.mkdir()
-    sockdir.chmod(0o755)
-    d = Daemon(sockdir, "--socket-mode", "0666")
-    yield d
-    d.stop()
-
-
-def as_nobody(world: Path, daemon: Daemon, *args: str, input: bytes | None = None
-              ) -> subprocess.CompletedProcess[bytes]:
-    env = {"PYTHONPATH": str(world / "lib"), "CFSD_INTERFACES": str(world / "interfaces"),
-           "CFSD_ADDRESS": daemon.address, "HOME": "/nonexistent", "PATH": "/usr/bin:/bin"}
-    return subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}",
-                           "--clear-groups", SYSTEM_PY, "-m", "cfsctl", *args],
-                          input=input, capture_output=True, env=env, cwd="/", timeout=120)
+pytestmark = other_user_marks
 
 
 def layer() -> tuple[bytes, str]:

@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import Daemon, run_cfsctl
 from tests.ocitools import build_image, descriptor, require_tools
+from tests.otheruser import NOBODY, as_nobody, other_user_marks
 from tests.reference_rootfs import compare, flatten, merged_tree, scan
 
 
@@ -75,6 +76,29 @@ def test_checkout_matches_reference(shared_daemon: Daemon, pulled: str, layout: 
     assert not problems, problems
     assert os.getxattr(out / "usr/bin/tool", "security.capability")[:4] == b"\x01\x00\x00\x02"
     assert "user.comment" not in os.listxattr(out / "usr/bin/tool")
+
+
+@pytest.mark.parametrize("mark", [pytest.param(0, marks=other_user_marks)])
+def test_checkout_without_privileges(world: Path, open_daemon: Daemon, layout: Path,
+                                     mark: int) -> None:
+    """nobody checks out an image from a repository it may read: same files, its own."""
+    repo = world / "shared-repo"
+    run_cfsctl("--repo", str(repo), "init", "--insecure", address=open_daemon.address)
+    run_cfsctl("--repo", str(repo), "oci", "pull", f"oci:{layout}:v2", "img",
+               address=open_daemon.address)
+    for p in [repo, *repo.rglob("*")]:
+        if not p.is_symlink():
+            p.chmod(0o755 if p.is_dir() else 0o644)
+    home = world / "nobody-home"
+    home.mkdir()
+    os.chown(home, NOBODY, NOBODY)
+    out = home / "co"
+    p = as_nobody(world, open_daemon, "--repo", str(repo), "oci", "checkout", "img", str(out))
+    assert p.returncode == 0, p.stderr.decode()
+    problems = compare(reference(layout), scan(out), owners=False)
+    assert not problems, problems
+    assert {os.lstat(x).st_uid for x in [out, *out.rglob("*")]} == {NOBODY}
+    assert b"security.capability" in p.stderr  # a privileged xattr is reported as skipped
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")

@@ -61,6 +61,11 @@ class _Writer:
         if self.privileged:
             os.chown(name, st.st_uid, st.st_gid, dir_fd=dfd, follow_symlinks=False)
         for key, value in sorted(st.xattrs.items()):
+            if not self.privileged and not key.startswith(b"user."):
+                # Only the user namespace is the caller's to set; a root daemon acting for
+                # someone else must not hand out file capabilities or trusted xattrs.
+                self.skip(path, f"xattr {key.decode(errors='replace')}: needs privileges")
+                continue
             try:
                 os.setxattr(f"/proc/self/fd/{dfd}/".encode() + name, key, value,
                             follow_symlinks=False)
