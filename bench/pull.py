@@ -182,6 +182,9 @@ def main() -> int:
     ap.add_argument("--files", type=int, default=12000)
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--keep", action="store_true", help="keep the generated image")
+    ap.add_argument("--workdir", default="/dev/shm" if os.path.isdir("/dev/shm") else None,
+                    help="where the repository and the peer's extraction go (the same medium "
+                         "for both; default /dev/shm so a throttled disk does not dominate)")
     a = ap.parse_args()
     for tool in ("skopeo", "tar"):
         if shutil.which(tool) is None:
@@ -192,7 +195,7 @@ def main() -> int:
     print("preparing image ...", flush=True)
     archive = build_archive(cache, a.mib, a.files, a.layers)
     size = archive.stat().st_size
-    work = Path(tempfile.mkdtemp(prefix="cfsd-bench-work-"))
+    work = Path(tempfile.mkdtemp(prefix="cfsd-bench-work-", dir=a.workdir))
     try:
         t_raw = raw_limit(archive)
         t_peer = peer(archive, work)
@@ -202,7 +205,7 @@ def main() -> int:
         if not a.keep:
             shutil.rmtree(cache)
     mb = size / 1e6
-    print(f"image: {mb:.0f} MB gzip, {a.files} files, {a.layers} layers")
+    print(f"image: {mb:.0f} MB gzip, {a.files} files, {a.layers} layers; output on {work.parent}")
     print(f"cfsd pull:      {t_ours:6.2f} s  {mb / t_ours:6.0f} MB/s (compressed)")
     print(f"peer pipeline:  {t_peer:6.2f} s  (skopeo copy + tar -xzf)  ratio cfsd/peer "
           f"{t_peer / t_ours:.2f}x faster")
