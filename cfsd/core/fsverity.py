@@ -9,14 +9,16 @@ roughly doubles throughput on two cores (tools.md section 4.2).
 from __future__ import annotations
 
 import atexit
-import concurrent.futures
+import contextlib
 import errno
 import fcntl
 import hashlib
 import mmap
-import multiprocessing
 import os
+import queue
 import struct
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -192,17 +194,81 @@ def digest(data: bytes | bytearray | memoryview, alg: str | Algorithm = SHA256) 
 # ---------------------------------------------------------------------------------------------
 # Files: single process for small files, a process pool over mmap'd ranges for large ones.
 
-_pool: concurrent.futures.ProcessPoolExecutor | None = None
+class _Workers:
+    """Hashing helper processes (``python -c`` children speaking a tiny pipe protocol).
+
+    Plain subprocesses rather than multiprocessing: nothing of the host program's
+    ``__main__`` is re-run in them, and a broken worker only costs a serial fallback.
+    """
+
+    def __init__(self, n: int) -> None:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        self.idle: queue.Queue[subprocess.Popen[bytes]] = queue.Queue()
+        self.all = []
+        for _ in range(n):
+            proc = subprocess.Popen(
+                [sys.executable, "-c", "from cfsd.core.fsverity import _worker_main; "
+                 "_worker_main()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                close_fds=True)
+            self.all.append(proc)
+            self.idle.put(proc)
+
+    def run(self, jobs: list[tuple[str, int, int, str]]) -> list[bytes]:
+        """Results of ``_hash_range`` for each job, computed by up to n workers."""
+        take = min(len(jobs), len(self.all))
+        procs = [self.idle.get() for _ in range(take)]
+        broken = False
+        try:
+            out: list[bytes] = []
+            for i in range(0, len(jobs), take):
+                batch = jobs[i:i + take]
+                for proc, (path, start, end, alg) in zip(procs, batch, strict=False):
+                    assert proc.stdin is not None
+                    proc.stdin.write(f"{path} {start} {end} {alg}\n".encode())
+                    proc.stdin.flush()
+                for proc, _job in zip(procs, batch, strict=False):
+                    assert proc.stdout is not None
+                    head = proc.stdout.read(8)
+                    if len(head) != 8:
+                        raise OSError("hashing worker died")
+                    (n,) = struct.unpack("<Q", head)
+                    if n == (1 << 64) - 1:
+                        raise OSError("hashing worker failed")
+                    data = proc.stdout.read(n)
+                    if len(data) != n:
+                        raise OSError("hashing worker died")
+                    out.append(data)
+            return out
+        except BaseException:
+            broken = True
+            raise
+        finally:
+            for proc in procs:
+                if broken:
+                    proc.kill()
+                else:
+                    self.idle.put(proc)
+
+    def close(self) -> None:
+        """Stop every worker."""
+        for proc in self.all:
+            with contextlib.suppress(OSError):
+                if proc.stdin is not None:
+                    proc.stdin.close()
+            proc.kill()
+            proc.wait()
+
+
+_pool: _Workers | None = None
 _pool_lock = threading.Lock()
+_pool_broken = False
 
 
-def _get_pool() -> concurrent.futures.ProcessPoolExecutor:
+def _get_pool() -> _Workers:
     global _pool
     with _pool_lock:
         if _pool is None:
-            ctx = multiprocessing.get_context("forkserver")
-            _pool = concurrent.futures.ProcessPoolExecutor(
-                max_workers=max(2, os.cpu_count() or 2), mp_context=ctx)
+            _pool = _Workers(max(2, os.cpu_count() or 2))
             atexit.register(shutdown_pool)
         return _pool
 
@@ -212,8 +278,21 @@ def shutdown_pool() -> None:
     global _pool
     with _pool_lock:
         if _pool is not None:
-            _pool.shutdown(wait=True, cancel_futures=True)
+            _pool.close()
             _pool = None
+
+
+def _worker_main() -> None:
+    """Body of a hashing worker: ``path start end alg`` lines in, framed hashes out."""
+    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    while line := inp.readline():
+        try:
+            path, start, end, alg = line.decode().rsplit(" ", 3)
+            data = _hash_range(path, int(start), int(end), alg.strip())
+            out.write(struct.pack("<Q", len(data)) + data)
+        except Exception:  # noqa: BLE001 - reported to the parent, which falls back
+            out.write(struct.pack("<Q", (1 << 64) - 1))
+        out.flush()
 
 
 def _hash_range(path: str, start: int, end: int, alg_name: str) -> bytes:
@@ -240,21 +319,31 @@ def _digest_fd_serial(fd: int, size: int, alg: Algorithm) -> bytes:
 
 def digest_fd(fd: int, alg: str | Algorithm = SHA256, *, parallel: bool = True) -> bytes:
     """fs-verity digest of the whole regular file open as *fd* (position is not used)."""
+    global _pool_broken
     a = algorithm(alg)
     size = os.fstat(fd).st_size
-    if not parallel or size < PARALLEL_THRESHOLD:
+    if not parallel or size < PARALLEL_THRESHOLD or _pool_broken:
         return _digest_fd_serial(fd, size, a)
+    try:
+        return _digest_fd_parallel(fd, size, a)
+    except OSError:
+        # A pool that cannot start (odd __main__, resource limits) must not break digests.
+        _pool_broken = True
+        shutdown_pool()
+        return _digest_fd_serial(fd, size, a)
+
+
+def _digest_fd_parallel(fd: int, size: int, a: Algorithm) -> bytes:
     pool = _get_pool()
-    nproc = max(2, os.cpu_count() or 2)
-    nchunks = nproc * 2
+    nchunks = max(2, os.cpu_count() or 2) * 2
     chunk = -(-size // nchunks)
     chunk += -chunk % BLOCK_SIZE
     path = f"/proc/{os.getpid()}/fd/{fd}"
-    futures = [pool.submit(_hash_range, path, off, min(off + chunk, size), a.name)
-               for off in range(0, size, chunk)]
+    offsets = list(range(0, size, chunk))
+    results = pool.run([(path, off, min(off + chunk, size), a.name) for off in offsets])
     h = FsVerityHasher(a)
-    for fut, off in zip(futures, range(0, size, chunk), strict=True):
-        h.add_block_hashes(fut.result(), min(off + chunk, size) - off)
+    for data, off in zip(results, offsets, strict=True):
+        h.add_block_hashes(data, min(off + chunk, size) - off)
     return h.digest()
 
 
