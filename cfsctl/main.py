@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--require-verity", action="store_true")
     p.add_argument("--no-upgrade", action="store_true")
+    p.add_argument("--no-repo", action="store_true",
+                   help="run without a repository (compute-id, create-dumpfile)")
     p.add_argument("--version", action="version", version=f"cfsctl {VERSION}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     repo.register(sub)
@@ -37,10 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point (also reachable as ``mkcomposefs`` by argv[0], later)."""
+    """Entry point; argv[0] ``mkcomposefs`` (or ``cfsctl mkcomposefs …``) is mkcomposefs."""
+    if argv is None and os.path.basename(sys.argv[0]) == "mkcomposefs":
+        return image.mkcomposefs_main(sys.argv[1:], sys.argv[0])
     argv = sys.argv[1:] if argv is None else argv
+    mk = image.mkcomposefs_argv(argv)
+    if mk is not None:
+        return image.mkcomposefs_main(mk[1], address=mk[0])
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.no_repo and args.command not in image.NO_REPO_COMMANDS:
+        print(f"Error: {image.NO_REPO_ERROR}", file=sys.stderr)
+        return 1
     ctx = Context(args)
     try:
         return int(args.func(ctx, args) or 0)

@@ -25,6 +25,8 @@ class ProgressView:
         self.totals: dict[str, int] = {}
         self.fetched: dict[str, int] = {}
         self.finished: set[str] = set()
+        self.items: dict[str, int] = {}
+        self.shown: dict[str, int] = {}
         self._line = False
 
     def _clear(self) -> None:
@@ -43,9 +45,26 @@ class ProgressView:
         self.out.flush()
         self._line = True
 
+    def _items(self, frame: dict[str, Any]) -> bool:
+        """Item-counted components (e.g. ``apply-delta`` layers) print as lines."""
+        ev = frame.get("started")
+        if ev is not None and ev.get("unit") == "Items":
+            self.items[ev["id"]] = ev.get("total") or 0
+            return True
+        for kind in ("progress", "done"):
+            ev = frame.get(kind)
+            if ev is not None and ev["id"] in self.items:
+                count = ev["fetched"] if kind == "progress" else ev["transferred"]
+                if (kind == "done" or not self.tty) and self.shown.get(ev["id"]) != count:
+                    self.shown[ev["id"]] = count
+                    self.event({"message": f"{ev['id']}: {count}/{self.items[ev['id']]} "
+                                           "layers"})
+                return True
+        return False
+
     def event(self, frame: dict[str, Any]) -> None:
         """Show one event."""
-        if self.quiet:
+        if self.quiet or self._items(frame):
             return
         if (msg := frame.get("message")) is not None:
             self._clear()

@@ -92,3 +92,25 @@ def test_owner_writes_as_owner(world: Path, open_daemon: Daemon) -> None:
     owners = {(st.st_uid, st.st_gid) for st in
               (os.lstat(x) for x in [repo, *repo.rglob("*")])}
     assert owners == {(NOBODY, NOBODY)}
+
+
+def test_pull_into_own_repository_as_owner(world: Path, open_daemon: Daemon) -> None:
+    """Layer threads of a pull write with the repository owner's identity too."""
+    from tests.ocitools import build_image, require_tools
+    require_tools("umoci")
+    layout = world / "pull-layout"
+    build_image(layout, "v1", {"usr/bin/a": os.urandom(300_000), "etc/b": b"b"})
+    build_image(layout, "v2", {"usr/bin/c": os.urandom(200_000)}, base="v1")
+    for p in [layout, *layout.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    home = world / "puller"
+    home.mkdir()
+    os.chown(home, NOBODY, NOBODY)
+    repo = home / "repo"
+    assert as_nobody(world, open_daemon, "--repo", str(repo), "init").returncode == 0
+    p = as_nobody(world, open_daemon, "--repo", str(repo), "oci", "pull", f"oci:{layout}:v2",
+                  "img")
+    assert p.returncode == 0, p.stderr.decode()
+    owners = {(st.st_uid, st.st_gid) for st in
+              (os.lstat(x) for x in [repo, *repo.rglob("*")])}
+    assert owners == {(NOBODY, NOBODY)}

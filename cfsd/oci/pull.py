@@ -59,6 +59,11 @@ class DeltaArtifact(RepositoryError):  # noqa: N818 - a signal, not a failure
         self.source = source
 
 
+def layer_workers() -> int:
+    """Default number of layers imported at once."""
+    return max(2, min(4, os.cpu_count() or 2))
+
+
 def host_platform() -> str:
     """``linux/<arch>`` in OCI/Go naming for this machine."""
     machine = platform.machine().lower()
@@ -77,7 +82,7 @@ class PullOptions:
     credentials: Credentials | None = None
     auth_configs: list[bytes] = field(default_factory=list)
     opener: PathOpener | None = None
-    max_workers: int = max(2, min(4, os.cpu_count() or 2))
+    max_workers: int | None = None          # None: the default (see layer_workers())
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
@@ -440,7 +445,7 @@ def _run_layers(repo: Repository, source: Source, jobs: list[_LayerJob],
     if not jobs:
         return
     events = _Events()
-    ex = concurrent.futures.ThreadPoolExecutor(max_workers=opts.max_workers,
+    ex = concurrent.futures.ThreadPoolExecutor(max_workers=opts.max_workers or layer_workers(),
                                                thread_name_prefix="pull-layer")
     futures = {ex.submit(_import_one, repo, source, j, events, opts.cancel): j for j in jobs}
     try:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+
+from cfsd.core.dumpfile import DumpfileError
+from cfsd.core.erofs import ErofsError
 from cfsd.core.errors import (
     AlreadyInitialized,
     FormatError,
@@ -11,7 +15,11 @@ from cfsd.core.errors import (
     RepoNotFound,
     RepositoryError,
 )
+from cfsd.core.fsread import ScanError
+from cfsd.core.mkcomposefs import MkcomposefsError
 from cfsd.core.mount import MountError
+from cfsd.delta.artifact import DeltaNotApplicable
+from cfsd.delta.signature import SignatureInvalid
 from cfsd.oci.digest import InvalidDigest
 from cfsd.oci.layers import DiffIdMismatch
 from cfsd.service.auth import PermissionDenied
@@ -26,10 +34,23 @@ def map_error(iface: str, e: Exception) -> VarlinkError | None:
     def err(name: str, **params: object) -> VarlinkError:
         return VarlinkError(f"{iface}.{name}", params)
 
+    if isinstance(e, ScanError | MkcomposefsError):
+        # reading a caller's directory tree, or C mkcomposefs semantics
+        if e.errno in (errno.EACCES, errno.EPERM):
+            return err("PermissionDenied", message=str(e))
+        if e.errno is None:
+            return err("InvalidData", message=str(e))
+        if e.errno in (errno.EIO, errno.ENOMEM, errno.ENOSPC, errno.EDQUOT, errno.EMFILE):
+            return err("InternalError", message=str(e))
+        return err("InvalidSpec" if iface == REPOSITORY else "InvalidRequest", message=str(e))
+    if isinstance(e, DumpfileError | ErofsError):
+        return err("InvalidData", message=str(e))
     if isinstance(e, PermissionDenied | PermissionError):
         return err("PermissionDenied", message=str(e))
     if isinstance(e, RepoNotFound):
         return err("RepoNotFound", message=str(e))
+    if isinstance(e, DeltaNotApplicable | SignatureInvalid) and iface == OCI:
+        return err(type(e).__name__, message=str(e))
     if isinstance(e, InvalidDigest):
         if iface == OCI:
             return err("InvalidDigest", message=str(e))

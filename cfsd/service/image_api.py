@@ -1,7 +1,417 @@
-"""org.composefs.Repository image methods (composefs images from directories and dumpfiles)."""
+"""org.composefs.Repository image methods: composefs images from directories and dumpfiles.
+
+Every path a caller names is resolved with the caller's permissions (``auth.open_dir``) and,
+for callers whose permissions the kernel does not enforce on the daemon (a root daemon and an
+unprivileged caller), every directory listed and every file read during the scan is checked
+against the caller too; ``trusted.*`` xattrs, which such a caller cannot see, are left out.
+Outputs go to file descriptors the caller passes with the request.  The repository only
+changes when everything worked: objects are staged and published together with the images.
+"""
 
 from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import stat
+from collections.abc import Iterator
+from typing import Any
+
+from cfsd.core import fsverity
+from cfsd.core.dumpfile import _leaf_line, _line, escape_optional, write_dumpfile
+from cfsd.core.erofs import erofs_to_filesystem, validate_filesystem, write_image
+from cfsd.core.errors import NotFound
+from cfsd.core.fsread import RepositoryStore, ScanError, ScanOptions, read_filesystem
+from cfsd.core.gc import MAX_IMAGE
+from cfsd.core.metadata import read_meta
+from cfsd.core.mkcomposefs import (
+    DigestStore,
+    MkcomposefsError,
+    MkcomposefsOptions,
+    build_image,
+    from_directory,
+    from_dump,
+)
+from cfsd.core.repository import validate_ref_name
+from cfsd.core.tree import (
+    S_IFDIR,
+    Directory,
+    External,
+    ExternalNoVerity,
+    FileSystem,
+    Leaf,
+    TreeError,
+    XattrFiltering,
+    transform_for_oci,
+)
+from cfsd.service import auth
+from cfsd.service.binding import Call, PeerCreds, VarlinkError
+from cfsd.service.errors import REPOSITORY
+from cfsd.service.state import Handle
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_XATTR_MODES = {m.value for m in XattrFiltering}
+MAX_DUMP = 1 << 30          # a dumpfile read by Mkcomposefs is held in memory
+
+
+def _spec(message: str) -> VarlinkError:
+    return VarlinkError(f"{REPOSITORY}.InvalidSpec", {"message": message})
+
+
+def _absolute(path: str, what: str) -> str:
+    if not path.startswith("/"):
+        raise _spec(f"{what} must be an absolute path: {path!r}")
+    return path
+
+
+def _trusted(creds: PeerCreds) -> bool:
+    return creds.uid == 0 or creds.uid == os.geteuid()
+
+
+def scan_access(creds: PeerCreds) -> dict[str, Any]:
+    """ScanOptions fields that make a scan see only what the caller could see."""
+    if _trusted(creds):
+        return {"access": None, "hide_trusted_xattrs": False}
+    return {"access": lambda st, want: auth.may(st, creds, want),
+            "hide_trusted_xattrs": True}
+
+
+@contextlib.contextmanager
+def caller_identity(creds: PeerCreds) -> Iterator[None]:
+    """Filesystem writes of this thread as the caller (root daemon, other caller only).
+
+    With a non-zero fsuid the kernel drops the filesystem capabilities, so it enforces the
+    caller's permissions on everything created in the block.
+    """
+    if os.geteuid() != 0 or creds.uid in (0, -1):
+        yield
+        return
+    old_uid = _libc.setfsuid(creds.uid)
+    old_gid = _libc.setfsgid(creds.gid)
+    try:
+        yield
+    finally:
+        _libc.setfsgid(old_gid)
+        _libc.setfsuid(old_uid)
+
+
+def _fs_options(options: dict[str, Any] | None) -> tuple[bool, str]:
+    """(apply the OCI transform, xattr mode) from FsOptions; refuses bootable."""
+    options = options or {}
+    if options.get("bootable"):
+        raise _spec("--bootable is not supported: cfsd does not implement boot transforms "
+                    "(SELinux relabeling, empty /boot and /sysroot)")
+    mode = options.get("xattrs") or XattrFiltering.ALLOWLIST_ONLY.value
+    if mode not in _XATTR_MODES:
+        raise _spec(f"invalid xattrs mode {mode!r} (expected allowlist-only or "
+                    "keep-user-xattrs)")
+    return not options.get("no_propagate_usr_to_root"), mode
+
+
+def _version(v: int | None, default: int) -> int:
+    if v is None:
+        return default
+    if v not in (0, 1, 2):
+        raise _spec(f"invalid EROFS version {v} (expected 0, 1 or 2)")
+    return v
+
+
+def open_source(call: Call, path: str) -> int:
+    """The directory *path* opened with the caller's permissions (ScanError otherwise)."""
+    try:
+        return auth.open_dir(_absolute(path, "path"), call.creds)
+    except auth.PermissionDenied:
+        raise ScanError(errno.EACCES, path) from None
+    except OSError as e:
+        raise ScanError(e.errno or errno.EIO, path) from None
+
+
+def _has_usr(fd: int) -> bool:
+    try:
+        return stat.S_ISDIR(os.stat("usr", dir_fd=fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    mv = memoryview(data)
+    while mv:
+        mv = mv[os.write(fd, mv[:1 << 20]):]
 
 
 class ImageMethods:
     """Mixin of RepositoryAPI implementing the image-building methods."""
+
+    state: Any
+
+    # ---------------------------------------------------------------- helpers
+
+    def _open_tree(self, call: Call, path: str, options: dict | None) -> int:
+        """The root of the tree, opened as the caller (checked for /usr if transformed)."""
+        transform, _ = _fs_options(options)
+        fd = open_source(call, path)
+        if transform and not _has_usr(fd):
+            os.close(fd)
+            raise _spec(f"{path}: /usr must exist and be a directory for the OCI transform "
+                        "(use --no-propagate-usr-to-root for other trees)")
+        return fd
+
+    def _scan(self, call: Call, path: str, alg: fsverity.Algorithm, options: dict | None,
+              store: RepositoryStore | None = None, fd: int | None = None) -> FileSystem:
+        """Read the tree at *path* (or the already opened *fd*, which is closed)."""
+        transform, mode = _fs_options(options)
+        if fd is None:
+            fd = self._open_tree(call, path, options)
+        try:
+            fs = read_filesystem(fd, alg, ScanOptions(**scan_access(call.creds)), store)
+        except ScanError as e:
+            raise ScanError(e.errno, f"{path.rstrip('/')}/{e.path}" if e.path else path,
+                            e.strerror) from None
+        finally:
+            os.close(fd)
+        if transform:
+            try:
+                transform_for_oci(fs, mode)
+            except TreeError as e:
+                raise _spec(f"{path}: cannot apply the OCI transform: {e}") from None
+        return fs
+
+    def _algorithm(self, call: Call, repository: str | None,
+                   algorithm: str | None) -> fsverity.Algorithm:
+        if algorithm is not None:
+            try:
+                return fsverity.algorithm(algorithm)
+            except ValueError as e:
+                raise _spec(str(e)) from None
+        if repository is not None:
+            with contextlib.suppress(Exception):
+                fd = auth.open_dir(_absolute(repository, "repository"), call.creds)
+                try:
+                    meta, _ = read_meta(fd)
+                finally:
+                    os.close(fd)
+                if meta is not None:
+                    return meta.algorithm
+        return fsverity.SHA512
+
+    # ---------------------------------------------------------------- methods
+
+    def CreateImage(self, call: Call, handle: int, path: str,  # noqa: N802
+                    name: str | None = None, erofs_version: int | None = None,
+                    options: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Scan a directory, store its objects and commit its EROFS image(s)."""
+        _fs_options(options)
+        if name is not None:
+            validate_ref_name(name)
+        h: Handle
+        with self.state.use(call, handle, REPOSITORY) as h:
+            if not h.writable:
+                raise auth.PermissionDenied("permission denied: only root or the owner of the "
+                                            "repository may create images")
+            repo = h.repo
+            repo.ensure_writable()
+            versions = ([_version(erofs_version, 1)] if erofs_version is not None
+                        else repo.meta.format_versions())
+            owner = lambda: auth.fs_identity(repo.fd)  # noqa: E731
+            fd = self._open_tree(call, path, options)
+            with repo.lock.shared():
+                try:
+                    with owner():
+                        staging = repo.staging()
+                except BaseException:
+                    os.close(fd)
+                    raise
+                try:
+                    store = RepositoryStore(repo, staging, owner)
+                    fs = self._scan(call, path, repo.alg, options, store, fd)
+                    validate_filesystem(fs)
+                    images = [(v, write_image(fs, v)) for v in versions]
+                    with owner():
+                        staging.commit()
+                        ids = [(v, repo.write_image(data, name if i == 0 else None))
+                               for i, (v, data) in enumerate(images)]
+                finally:
+                    with owner():
+                        staging.abort()
+            return {"image_id": ids[0][1].hex(), "algorithm": repo.alg.name,
+                    "images": [{"version": v, "image_id": d.hex()} for v, d in ids]}
+
+    def ComputeId(self, call: Call, path: str, repository: str | None = None,  # noqa: N802
+                  algorithm: str | None = None, erofs_version: int | None = None,
+                  options: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The image id of a directory, storing nothing."""
+        _fs_options(options)
+        version = _version(erofs_version, 1)
+        alg = self._algorithm(call, repository, algorithm)
+        fs = self._scan(call, path, alg, options)
+        validate_filesystem(fs)
+        return {"image_id": fsverity.digest(write_image(fs, version), alg).hex(),
+                "algorithm": alg.name}
+
+    def CreateDumpfile(self, call: Call, path: str, repository: str | None = None,  # noqa: N802
+                       algorithm: str | None = None,
+                       options: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The dumpfile of a directory, written to the fd passed with the request."""
+        if len(call.fds) != 1:
+            raise _spec(f"CreateDumpfile expects 1 fd (the output), got {len(call.fds)}")
+        _fs_options(options)
+        alg = self._algorithm(call, repository, algorithm)
+        data = write_dumpfile(self._scan(call, path, alg, options))
+        _write_all(call.fds[0], data)
+        return {"size": len(data)}
+
+    def DumpFiles(self, call: Call, handle: int, image: str, files: list[str],  # noqa: N802
+                  backing_path_only: bool | None = None) -> dict[str, Any]:
+        """Dumpfile lines (or backing paths) of some files of a stored image."""
+        with self.state.use(call, handle, REPOSITORY) as h:
+            repo = h.repo
+            with repo.lock.shared():
+                try:
+                    digest = repo.resolve_image(image)
+                except NotFound:
+                    raise VarlinkError(f"{REPOSITORY}.NoSuchRef", {"reference": image}) from None
+                data = repo.read_object(digest, limit=MAX_IMAGE)
+            fs = erofs_to_filesystem(data, repo.alg)
+        return {"lines": dump_files(fs, files, bool(backing_path_only))}
+
+    def Mkcomposefs(self, call: Call, source: str | None = None,  # noqa: N802
+                    input_fd: int | None = None, output_fd: int | None = None,
+                    strict: bool | None = None, min_version: int | None = None,
+                    max_version: int | None = None, digest_store: str | None = None,
+                    use_epoch: bool | None = None, skip_devices: bool | None = None,
+                    skip_xattrs: bool | None = None, user_xattrs: bool | None = None,
+                    hardlinks: bool | None = None, threads: int | None = None,
+                    ) -> dict[str, Any]:
+        """C mkcomposefs: a directory or dumpfile to an image (written to output_fd)."""
+        def fd_at(index: int | None, what: str) -> int | None:
+            if index is None:
+                return None
+            if not 0 <= index < len(call.fds):
+                raise _spec(f"{what} {index} is not one of the {len(call.fds)} fds passed")
+            return call.fds[index]
+
+        inp = fd_at(input_fd, "input_fd")
+        out = fd_at(output_fd, "output_fd")
+        if (inp is None) == (source is None):
+            raise _spec("exactly one of source and input_fd must be given")
+        if threads is not None and threads <= 0:
+            raise _spec(f"Invalid threads count {threads}")
+        opts = MkcomposefsOptions(min_version, max_version, bool(use_epoch),
+                                  bool(skip_devices), bool(skip_xattrs), bool(user_xattrs),
+                                  bool(hardlinks))
+        if inp is not None:
+            chunks = []
+            total = 0
+            while chunk := os.read(inp, 1 << 20):
+                total += len(chunk)
+                if total > MAX_DUMP:
+                    raise MkcomposefsError(f"dump file larger than {MAX_DUMP >> 20} MiB")
+                chunks.append(chunk)
+            fs = from_dump(b"".join(chunks), strict=bool(strict))
+        else:
+            assert source is not None
+            fs = self._mkcomposefs_dir(call, source, digest_store, opts)
+        image, version = build_image(fs, opts)
+        if out is not None:
+            _write_all(out, image)
+        return {"digest": fsverity.digest(image, fsverity.SHA256).hex(), "size": len(image),
+                "version": version}
+
+    def _mkcomposefs_dir(self, call: Call, source: str, digest_store: str | None,
+                         opts: MkcomposefsOptions) -> FileSystem:
+        try:
+            fd = open_source(call, source)
+        except ScanError as e:
+            raise MkcomposefsError(str(e), e.errno) from None
+        sfd = None
+        try:
+            if digest_store is not None:
+                try:
+                    with caller_identity(call.creds):
+                        sfd = auth.open_dir(_absolute(digest_store, "digest_store"),
+                                            call.creds, want=auth.W | auth.X, create=True,
+                                            create_mode=0o755)
+                except auth.PermissionDenied:
+                    raise MkcomposefsError(f"cannot fill store: {digest_store}: Permission "
+                                           "denied", errno.EACCES) from None
+                except OSError as e:
+                    raise MkcomposefsError(f"cannot fill store: {digest_store}: "
+                                           f"{e.strerror}", e.errno) from None
+            store = (DigestStore(sfd, lambda: caller_identity(call.creds))
+                     if sfd is not None else None)
+            return from_directory(fd, opts, source=source, store=store,
+                                  **scan_access(call.creds))
+        finally:
+            os.close(fd)
+            if sfd is not None:
+                os.close(sfd)
+
+
+# --------------------------------------------------------------------------- dump-files
+
+
+def dump_files(fs: FileSystem, files: list[str], backing_path_only: bool) -> list[str]:
+    """composefs-rs ``dump_files``: dumpfile lines or backing paths for some paths."""
+    nlinks = fs.nlinks()
+    out: list[str] = []
+    for path in files:
+        bpath = os.fsencode(path)
+        try:
+            parent, name = fs.root.split(bpath)
+        except TreeError as e:
+            raise _spec(f"{path}: {e}") from None
+        node = parent.lookup(name)
+        if node is None:
+            raise VarlinkError(f"{REPOSITORY}.InvalidSpec", {"message": f"{path} not found"})
+        if type(node) is Directory:
+            if backing_path_only:
+                raise _spec(f"{path} is a directory")
+            out.extend(_dump_subtree(bpath, node, nlinks))
+            continue
+        leaf: Leaf = node  # type: ignore[assignment]
+        if backing_path_only:
+            c = leaf.content
+            if type(c) is External or type(c) is ExternalNoVerity:
+                out.append(f"{path} {fsverity.object_path(c.id)}")
+            else:
+                out.append(f"{path} inline")
+            continue
+        out.append(_leaf_line(bpath, leaf, nlinks[leaf]).decode().rstrip("\n"))
+    return out
+
+
+def _dump_subtree(path: bytes, d: Directory, nlinks: dict[Leaf, int]) -> list[str]:
+    """``dump_single_dir``: pre-order DFS of *d* in name order, paths below *path*."""
+    out: list[bytes] = []
+    first: dict[Leaf, bytes] = {}
+    stack: list[tuple[bytes, Iterator[tuple[bytes, Directory | Leaf]]]] = []
+    cur: Directory | None = d
+    p = path
+    while True:
+        if cur is not None:
+            ents = cur.sorted_entries()
+            nsub = sum(1 for _, c in ents if type(c) is Directory)
+            out.append(_line(p, cur.stat, S_IFDIR, 0, 2 + nsub, 0, b"", b"", None))
+            stack.append((p.rstrip(b"/"), iter(ents)))
+            cur = None
+        if not stack:
+            break
+        prefix, it = stack[-1]
+        for name, child in it:
+            cp = prefix + b"/" + name
+            if type(child) is Directory:
+                p, cur = cp, child
+                break
+            leaf: Leaf = child  # type: ignore[assignment]
+            n = nlinks[leaf]
+            if n > 1:
+                if leaf in first:
+                    out.append(escape_optional(cp) + b" 0 @120000 - - - - 0.0 "
+                               + escape_optional(first[leaf]) + b" - -\n")
+                    continue
+                first[leaf] = cp
+            out.append(_leaf_line(cp, leaf, n))
+        else:
+            stack.pop()
+    return [line.decode().rstrip("\n") for line in out]

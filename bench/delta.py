@@ -1,0 +1,322 @@
+#!/usr/bin/env python3
+"""Delta apply versus pulling the new image, from the same medium, through a running cfsd.
+
+Usage: python bench/delta.py [--mib 120] [--files 3000] [--layers 3] [--changed 0.1]
+                             [--media oci,oci-archive,docker] [--version 2] [--keep]
+
+Generates (once, cached in $TMPDIR/cfsd-bench-delta-*) an old image of --layers gzip layers
+(about --mib MiB uncompressed, --files files) and a package-upgrade-like new image whose first
+layer is rebuilt with --changed of its files edited (scattered edits, an insertion), a few
+added and a few dropped; the other layers are unchanged.  The delta (the rebuilt layer as a
+tar-diff made by cfsd's encoder, the others reused) is written as an oci layout and archive.
+
+Per medium (oci: layout, oci-archive:, docker:// on a loopback docker-registry) into fresh
+repositories that hold the old image, it times:
+  * apply:      `cfsctl oci pull DELTA` (the delta is detected and applied);
+  * pull new:   `cfsctl oci pull NEW` (only the rebuilt layer is fetched; the rest is present);
+  * pull fresh: `cfsctl oci pull NEW` into an empty repository (every layer);
+and prints apply time as a ratio to both pulls, plus the bytes each reads from the medium
+(delta blobs versus the new image's changed and total blobs).  Results are checked to be
+identical (same manifest stream).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cfsd.delta.tardiff_encode import (  # noqa: E402
+    EncodeOptions,
+    OldFile,
+    SourceIndex,
+    encode_tardiff,
+)
+
+WORDS = [bytes(random.Random(i).choices(b"abcdefghijklmnopqrstuvwxyz",
+                                        k=random.Random(i).randint(2, 10))) for i in range(2000)]
+MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DELTA = "application/vnd.io.github.containers.oci-delta.v1"
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def content(rng: random.Random, size: int) -> bytes:
+    """Half incompressible (binaries), half text-like."""
+    if rng.random() < 0.5:
+        return rng.randbytes(size)
+    out = bytearray()
+    while len(out) < size:
+        out += b" ".join(rng.choices(WORDS, k=64)) + b"\n"
+    return bytes(out[:size])
+
+
+def edit(rng: random.Random, data: bytes) -> bytes:
+    b = bytearray(data)
+    for _ in range(max(1, len(b) // 50_000)):
+        i = rng.randrange(max(1, len(b) - 32))
+        b[i:i + 32] = rng.randbytes(32)
+    b[len(b) // 2:len(b) // 2] = rng.randbytes(256)
+    return bytes(b)
+
+
+def tar_of(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    dirs = sorted({p.rsplit("/", i)[0] for p in files for i in range(1, p.count("/") + 1)})
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for d in dirs:
+            ti = tarfile.TarInfo(d)
+            ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, 1_700_000_000
+            tf.addfile(ti)
+        for name, data in files.items():
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mode, ti.mtime = len(data), 0o755, 1_700_000_000
+            tf.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
+
+
+class Layout:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        (path / "blobs/sha256").mkdir(parents=True)
+        (path / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+        self.index: list[dict] = []
+
+    def blob(self, data: bytes, mt: str) -> dict:
+        d = sha(data)
+        (self.path / "blobs/sha256" / d[7:]).write_bytes(data)
+        return {"mediaType": mt, "digest": d, "size": len(data)}
+
+    def manifest(self, data: bytes, tag: str, **extra: object) -> None:
+        self.index.append({**self.blob(data, MANIFEST), **extra,
+                           "annotations": {"org.opencontainers.image.ref.name": tag}})
+        (self.path / "index.json").write_text(json.dumps({"schemaVersion": 2,
+                                                          "manifests": self.index}))
+
+    def image(self, tag: str, tars: list[bytes]) -> tuple[bytes, list[dict], bytes]:
+        descs = [self.blob(gzip.compress(t, 3, mtime=0),
+                           "application/vnd.oci.image.layer.v1.tar+gzip") for t in tars]
+        config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {
+            "type": "layers", "diff_ids": [sha(t) for t in tars]}}).encode()
+        m = json.dumps({"schemaVersion": 2, "mediaType": MANIFEST, "config": self.blob(
+            config, "application/vnd.oci.image.config.v1+json"), "layers": descs}).encode()
+        self.manifest(m, tag)
+        return m, descs, config
+
+
+def archive(layout: Path, dest: Path) -> None:
+    with tarfile.open(dest, "w") as tf:
+        for name in ("oci-layout", "index.json", "blobs"):
+            tf.add(layout / name, arcname=name)
+
+
+def build(cache: Path, mib: int, nfiles: int, nlayers: int, changed: float,
+          version: int) -> dict:
+    info_path = cache / "info.json"
+    if info_path.exists():
+        return json.loads(info_path.read_text())
+    rng = random.Random(7)
+    per = nfiles // nlayers
+    layers: list[dict[str, bytes]] = []
+    for li in range(nlayers):
+        sizes = [max(0, int(rng.lognormvariate(8, 2))) for _ in range(per)]
+        scale = mib * (1 << 20) / nlayers / max(1, sum(sizes))
+        layers.append({f"usr/l{li}/d{i // 100}/f{i}": content(rng, int(s * scale))
+                       for i, s in enumerate(sizes)})
+    new0 = {}
+    for name, data in layers[0].items():
+        r = rng.random()
+        if r < 0.02:
+            continue                                    # dropped
+        new0[name] = edit(rng, data) if r < 0.02 + changed and data else data
+    for i in range(per // 50):
+        new0[f"usr/l0/new/f{i}"] = content(rng, rng.randint(100, 50_000))
+    old_tars = [tar_of(x) for x in layers]
+    new_tars = [tar_of(new0), *old_tars[1:]]
+    images = Layout(cache / "images")
+    old_m, _, old_c = images.image("old", old_tars)
+    new_m, new_descs, new_c = images.image("new", new_tars)
+    merged = {k: v for layer in layers for k, v in layer.items()}
+    index = SourceIndex(OldFile(p, len(d), hashlib.sha256(d).digest(),
+                                lambda d=d: io.BytesIO(d)) for p, d in merged.items() if d)
+    out = io.BytesIO()
+    t = time.perf_counter()
+    encode_tardiff(io.BytesIO(new_tars[0]), index, out, EncodeOptions(version=version))
+    print(f"  encoded the rebuilt layer in {time.perf_counter() - t:.1f} s", flush=True)
+    dl = Layout(cache / "delta")
+    patch = dl.blob(out.getvalue(), "application/vnd.tar-diff")
+    layers_desc = [
+        {**dl.blob(new_m, MANIFEST), "annotations": {
+            "io.github.containers.delta.content": "image-manifest"}},
+        {**dl.blob(new_c, "application/vnd.oci.image.config.v1+json"), "annotations": {
+            "io.github.containers.delta.content": "image-config"}},
+        {**patch, "annotations": {"io.github.containers.delta.content": "image-layer",
+                                  "io.github.containers.delta.to": new_descs[0]["digest"]}}]
+    dl.blob(b"{}", "application/vnd.oci.empty.v1+json")
+    reused = [d["digest"] for d in new_descs[1:]]
+    delta_m = json.dumps({
+        "schemaVersion": 2, "artifactType": DELTA,
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": sha(b"{}"),
+                   "size": 2},
+        "layers": layers_desc,
+        "subject": {"mediaType": MANIFEST, "digest": sha(new_m), "size": len(new_m)},
+        "annotations": {"io.github.containers.delta.target": sha(new_m),
+                        "io.github.containers.delta.source": sha(old_m),
+                        "io.github.containers.delta.source-config": sha(old_c),
+                        "io.github.containers.delta.reused": json.dumps(reused),
+                        "io.github.containers.delta.reused-diff-id": json.dumps(
+                            [sha(t) for t in new_tars[1:]])}},
+        separators=(",", ":"), sort_keys=True).encode()
+    dl.manifest(delta_m, "delta", artifactType=DELTA)
+    archive(cache / "images", cache / "images.tar")
+    archive(cache / "delta", cache / "delta.tar")
+    info = {"new_digest": sha(new_m),
+            "delta_bytes": sum(d["size"] for d in layers_desc),
+            "changed_bytes": new_descs[0]["size"],
+            "new_bytes": sum(d["size"] for d in new_descs) + len(new_c),
+            "tar_bytes": sum(len(t) for t in new_tars)}
+    info_path.write_text(json.dumps(info))
+    return info
+
+
+class Cfsd:
+    def __init__(self, work: Path) -> None:
+        self.sock = work / "cfsd.sock"
+        self.proc = subprocess.Popen([sys.executable, "-m", "cfsd", "--address",
+                                      f"unix:{self.sock}", "--log-level", "error"],
+                                     cwd=str(ROOT))
+        for _ in range(1000):
+            if self.sock.exists():
+                break
+            time.sleep(0.01)
+        self.env = dict(os.environ, CFSD_ADDRESS=f"unix:{self.sock}")
+
+    def run(self, repo: Path, *args: str) -> str:
+        p = subprocess.run([sys.executable, "-m", "cfsctl", "--repo", str(repo), *args],
+                           env=self.env, cwd=str(ROOT), capture_output=True, check=False)
+        if p.returncode:
+            raise RuntimeError(f"cfsctl {' '.join(args)}: {p.stderr.decode()}")
+        return p.stdout.decode()
+
+    def timed(self, repo: Path, *args: str) -> tuple[float, str]:
+        os.sync()
+        t = time.perf_counter()
+        out = self.run(repo, *args)
+        return time.perf_counter() - t, out
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def registry(work: Path) -> tuple[subprocess.Popen, str]:
+    (work / "reg").mkdir()
+    (work / "reg/config.yml").write_text(
+        "version: 0.1\nlog: {level: info, accesslog: {disabled: true}}\n"
+        f"storage: {{filesystem: {{rootdirectory: {work / 'reg/data'}}}}}\n"
+        "http: {addr: 127.0.0.1:0}\n")
+    log = open(work / "reg/log", "wb")  # noqa: SIM115
+    p = subprocess.Popen(["docker-registry", "serve", str(work / "reg/config.yml")],
+                         stderr=log, stdout=subprocess.DEVNULL)
+    import re
+    for _ in range(2000):
+        m = re.search(rb"listening on (127\.0\.0\.1:\d+)", (work / "reg/log").read_bytes())
+        if m:
+            return p, m.group(1).decode()
+        time.sleep(0.01)
+    raise RuntimeError("docker-registry did not start")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mib", type=int, default=120)
+    ap.add_argument("--files", type=int, default=3000)
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--changed", type=float, default=0.1)
+    ap.add_argument("--version", type=int, default=2, choices=(1, 2))
+    ap.add_argument("--media", default="oci,oci-archive,docker")
+    ap.add_argument("--keep", action="store_true", help="keep the generated images")
+    ap.add_argument("--workdir", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    a = ap.parse_args()
+    media = a.media.split(",")
+    if "docker" in media and (shutil.which("docker-registry") is None
+                              or shutil.which("skopeo") is None):
+        media.remove("docker")
+    cache = Path(tempfile.gettempdir()) / (f"cfsd-bench-delta-{a.mib}-{a.files}-{a.layers}-"
+                                           f"{a.changed}-v{a.version}")
+    cache.mkdir(exist_ok=True)
+    print("preparing images and delta ...", flush=True)
+    info = build(cache, a.mib, a.files, a.layers, a.changed, a.version)
+    work = Path(tempfile.mkdtemp(prefix="cfsd-bench-delta-", dir=a.workdir))
+    d = Cfsd(work)
+    reg = None
+    rows = []
+    try:
+        refs = {"oci": (f"oci:{cache / 'delta'}:delta", f"oci:{cache / 'images'}:new"),
+                "oci-archive": (f"oci-archive:{cache / 'delta.tar'}:delta",
+                                f"oci-archive:{cache / 'images.tar'}:new")}
+        if "docker" in media:
+            reg, host = registry(work)
+            for src, dst in ((f"oci:{cache / 'images'}:new", "img:new"),
+                             (f"oci:{cache / 'delta'}:delta", "delta:v1")):
+                subprocess.run(["skopeo", "copy", "-q", "--preserve-digests",
+                                "--dest-tls-verify=false", src, f"docker://{host}/{dst}"],
+                               check=True)
+            refs["docker"] = (f"docker://{host}/delta:v1", f"docker://{host}/img:new")
+        for medium in media:
+            delta_ref, new_ref = refs[medium]
+            extra = ["--tls-verify", "false"] if medium == "docker" else []
+            times = {}
+            for kind in ("apply", "pull", "fresh"):
+                repo = work / f"repo-{medium}-{kind}"
+                d.run(repo, "init", "--insecure")
+                if kind != "fresh":
+                    d.run(repo, "oci", "pull", "-q", f"oci:{cache / 'images'}:old", "old")
+                ref = delta_ref if kind == "apply" else new_ref
+                times[kind], out = d.timed(repo, "oci", "pull", "-q", *extra, ref, "new")
+                assert f"manifest {info['new_digest']}" in out, out
+                shutil.rmtree(repo)
+            rows.append((medium, times))
+    finally:
+        d.stop()
+        if reg is not None:
+            reg.terminate()
+            reg.wait()
+        shutil.rmtree(work)
+        if not a.keep:
+            shutil.rmtree(cache)
+    mb = 1e6
+    print(f"images: {info['tar_bytes'] / mb:.0f} MB uncompressed in {a.layers} layers, "
+          f"{a.files} files, {a.changed:.0%} of the first layer's files edited; "
+          f"tar-diff v{a.version}")
+    print(f"bytes read: delta {info['delta_bytes'] / mb:.2f} MB  vs  new image "
+          f"{info['new_bytes'] / mb:.2f} MB ({info['delta_bytes'] / info['new_bytes']:.1%}), "
+          f"changed layer {info['changed_bytes'] / mb:.2f} MB "
+          f"({info['delta_bytes'] / info['changed_bytes']:.1%})")
+    print(f"{'medium':12} {'apply':>8} {'pull new':>9} {'ratio':>6} {'pull fresh':>11} "
+          f"{'ratio':>6}")
+    for medium, t in rows:
+        print(f"{medium:12} {t['apply']:7.2f}s {t['pull']:8.2f}s {t['apply'] / t['pull']:6.2f} "
+              f"{t['fresh']:10.2f}s {t['apply'] / t['fresh']:6.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
