@@ -1,9 +1,138 @@
-"""``cfsctl oci apply-delta`` / ``create-delta``."""
+"""``cfsctl oci apply-delta`` / ``create-delta``: apply an oci-delta artifact to an image in
+the repository, or write one from two images of the repository."""
 
 from __future__ import annotations
 
 import argparse
+import os
+
+from cfsctl.context import CommandError, Context
+from cfsctl.output import print_json
+from cfsctl.progress import ProgressView, human
+
+OCI = "org.composefs.Oci."
+MAX_KEY = 64 << 10
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
+def read_key(path: str) -> str:
+    """The PEM text of a public key file."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_KEY + 1)
+    except OSError as e:
+        raise CommandError(f"cannot read {path}: {e.strerror}") from None
+    if len(data) > MAX_KEY:
+        raise CommandError(f"{path} is too large for a public key")
+    try:
+        return data.decode("ascii")
+    except UnicodeDecodeError:
+        raise CommandError(f"{path} is not a PEM public key") from None
+
+
+def cmd_apply_delta(ctx: Context, a: argparse.Namespace) -> int:
+    """Apply a delta (oci:, oci-archive: or docker://) and tag the resulting image."""
+    params = {"handle": ctx.handle, "delta": a.delta, "name": a.name, "source": a.source,
+              "tls_verify": a.tls_verify, "credentials": a.creds,
+              "auth_file": os.path.abspath(a.authfile) if a.authfile else None,
+              "concurrency": a.concurrency,
+              "verify_key": read_key(a.verify_key) if a.verify_key else None}
+    view = ProgressView(quiet=a.quiet or ctx.args.json)
+    completed = None
+    try:
+        for frame, _ in ctx.client.stream(OCI + "ApplyDelta", params, more=True):
+            if frame.get("completed") is not None:
+                completed = frame["completed"]
+            else:
+                view.event(frame)
+    finally:
+        view.close()
+    if completed is None:
+        raise CommandError("apply-delta finished without a result")
+    if ctx.args.json:
+        print_json(completed)
+        return 0
+    print(f"manifest {completed['manifest_digest']}")
+    print(f"config   {completed['config_digest']}")
+    print(f"verity   {completed['manifest_verity']}")
+    print(f"tagged   {a.name or a.delta}")
+    print(f"objects  {completed['stats']}")
+    return 0
+
+
+def cmd_create_delta(ctx: Context, a: argparse.Namespace) -> int:
+    """Write the delta OLD -> NEW as an oci-archive (the daemon writes it as the caller)."""
+    if a.concurrency is not None and not 1 <= a.concurrency <= 64:
+        raise CommandError("--concurrency must be between 1 and 64")
+    output = os.path.abspath(a.output)
+    params = {"handle": ctx.handle, "old": a.old, "new": a.new, "output": output,
+              "format": a.format, "concurrency": a.concurrency, "ref_name": a.ref_name}
+    view = ProgressView(quiet=a.quiet or ctx.args.json)
+    created = None
+    try:
+        for frame, _ in ctx.client.stream(OCI + "CreateDelta", params, more=True):
+            if frame.get("created") is not None:
+                created = frame["created"]
+            else:
+                view.event(frame)
+    finally:
+        view.close()
+    if created is None:
+        raise CommandError("create-delta finished without a result")
+    if ctx.args.json:
+        print_json(created)
+        return 0
+    layers = created["layers"]
+    changed = [x for x in layers if x["kind"] != "reused"]
+    blobs = {x["diff_id"]: x["size"] for x in changed}
+    changed_bytes = sum(x["layer_size"] for x in changed)
+    print(f"delta    {created['delta_digest']}")
+    print(f"written  {output} ({human(created['size'])}, tar-diff {created['format']})")
+    print(f"source   {created['source']}")
+    print(f"target   {created['target']}")
+    for x in layers:
+        size = "" if x["kind"] == "reused" else (f" {human(x['size'])} for "
+                                                 f"{human(x['layer_size'])}")
+        print(f"layer    {x['diff_id']} {x['kind']}{size}")
+    if changed_bytes:
+        print(f"changed  {len(changed)} layers, {human(sum(blobs.values()))} for "
+              f"{human(changed_bytes)} "
+              f"({sum(blobs.values()) / changed_bytes:.1%})")
+    return 0
 
 
 def register(osub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the delta subcommands to ``cfsctl oci``."""
+    p = osub.add_parser("apply-delta", help="apply an oci-delta artifact to a stored image")
+    p.add_argument("delta", help="oci:DIR[:NAME], oci-archive:FILE[:NAME] or docker://REF")
+    p.add_argument("name", nargs="?", help="tag for the result (default: the delta reference)")
+    p.add_argument("--from", dest="source", metavar="IMAGE",
+                   help="the source image (tag or @digest); default: found by its config")
+    p.add_argument("--verify-key", metavar="PUBKEY",
+                   help="PEM public key the embedded signature must verify with")
+    p.add_argument("--tls-verify", type=_bool, default=None, metavar="BOOL")
+    p.add_argument("--creds", metavar="USER:PASSWORD")
+    p.add_argument("--authfile", metavar="PATH")
+    p.add_argument("--concurrency", type=int, help="layers applied at once")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_apply_delta)
+    p = osub.add_parser("create-delta",
+                        help="write an oci-delta artifact turning image OLD into image NEW")
+    p.add_argument("old", help="the image the delta applies to (tag or @digest)")
+    p.add_argument("new", help="the image the delta rebuilds (tag or @digest)")
+    p.add_argument("output", help="path of the oci-archive to write")
+    p.add_argument("--format", choices=("v1", "v2"), default=None,
+                   help="tar-diff format: v1 (default, readable everywhere) or v2 (zstd "
+                        "dictionary frames)")
+    p.add_argument("--concurrency", type=int, help="layers encoded at once")
+    p.add_argument("--name", dest="ref_name", metavar="NAME",
+                   help="org.opencontainers.image.ref.name of the index entry")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_create_delta)

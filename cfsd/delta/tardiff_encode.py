@@ -25,7 +25,8 @@ API::
   more than 20 % of the blobs match; DATA otherwise.
 * Memory: one file at a time (spooled to a temporary file above 8 MiB); bsdiff holds both
   files plus ~16 bytes per old byte, zstd both files plus 8-16 bytes per old byte, rollsum
-  a few MiB; DATA is flushed every 4 MiB.  The caps in :class:`EncodeOptions` bound it.
+  a few MiB; DATA is flushed every 4 MiB.  The caps in :class:`EncodeOptions` bound it, and
+  ``EncodeOptions.reserve`` lets parallel encoders share one budget.
 * Output is deterministic for the same inputs and options.  ``EncodeStats.tar_sha256`` is the
   sha256 of the new tar as read, for the caller's guard: apply the result with
   :func:`cfsd.delta.tardiff.apply_tardiff` and compare before publishing (delta.md 5.7).
@@ -37,7 +38,7 @@ import hashlib
 import posixpath
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import closing
+from contextlib import AbstractContextManager, closing, nullcontext
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import IO, Protocol
@@ -101,7 +102,9 @@ class EncodeOptions:
     ``max_zstd_size``: both files must be smaller / no larger (lower than upstream's 192 and
     128 MiB to bound memory); ``rollsum`` enables block matching above those caps;
     ``hash_factory`` makes the hash that ``OldFile.digest`` was computed with; ``tmpdir`` for
-    spooled file contents.
+    spooled file contents; ``reserve(nbytes)``, when given, is entered around every in-memory
+    delta (zstd or bsdiff) with an estimate of the memory it needs (:func:`delta_memory`), so
+    that encoders running in parallel can share one memory budget.
     """
 
     version: int = 1
@@ -112,6 +115,19 @@ class EncodeOptions:
     rollsum: bool = True
     hash_factory: Callable[[], Hasher] = hashlib.sha256
     tmpdir: str | None = None
+    reserve: Callable[[int], AbstractContextManager[object]] | None = None
+
+
+def delta_memory(old_size: int, new_size: int, zstd: bool) -> int:
+    """Bytes an in-memory delta of two files needs, roughly (both files included).
+
+    bsdiff: both files, two 8-byte suffix-sort arrays per old byte, the diff and extra
+    strings (up to the new size each); zstd: both files, the dictionary's hash and chain
+    tables (8-16 bytes per old byte, counted twice: the CDict and the compressor's copy).
+    """
+    if zstd:
+        return 17 * old_size + 2 * new_size + (1 << 20)
+    return 17 * old_size + 3 * new_size + (1 << 20)
 
 
 @dataclass
@@ -452,18 +468,20 @@ class _Encoder:
         use_bsdiff = (size < opts.max_bsdiff_size and source.size < opts.max_bsdiff_size
                       and _bsdiff_core() is not None)
         if use_zstd or use_bsdiff:
-            old = self._read_old(source)
-            if old is None:
-                self._spool_literal(spool)
-                return
-            spool.seek(0)
-            new = spool.read()
-            if old == new:
-                self._copy_whole(source)
-            elif use_zstd:
-                self._zstd(source, old, new)
-            elif use_bsdiff:
-                self._bsdiff(source, old, new)
+            need = delta_memory(source.size, size, use_zstd)
+            with opts.reserve(need) if opts.reserve is not None else nullcontext():
+                old = self._read_old(source)
+                if old is None:
+                    self._spool_literal(spool)
+                    return
+                spool.seek(0)
+                new = spool.read()
+                if old == new:
+                    self._copy_whole(source)
+                elif use_zstd:
+                    self._zstd(source, old, new)
+                elif use_bsdiff:
+                    self._bsdiff(source, old, new)
             return
         if opts.rollsum and self._rollsum(source, spool, size):
             return
