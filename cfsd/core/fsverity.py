@@ -150,6 +150,10 @@ class FsVerityHasher:
         """The Merkle tree root (all zero for empty input)."""
         if self.size == 0:
             return bytes(self.alg.size)
+        if not self._levels and self.size <= BLOCK_SIZE:
+            # One partial data block: the root is its (zero-padded) hash.
+            return self.alg.new(bytes(self._partial) + bytes(BLOCK_SIZE - len(self._partial))
+                                ).digest()
         levels = [bytearray(b) for b in self._levels]
         counts = list(self._counts)
         clone = FsVerityHasher(self.alg)

@@ -10,6 +10,7 @@ bytes) inline, so that ``cat`` reproduces the tar byte for byte.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -100,16 +101,18 @@ def _trunc(b: bytes) -> bytes:
     return b if i < 0 else b[:i]
 
 
+_OCTAL = re.compile(rb"\+?([0-7]+)")
+
+
 def parse_octal(field_bytes: bytes) -> int:
     """Octal text field: NUL-truncated, whitespace-trimmed, empty means 0."""
-    s = _trunc(field_bytes).strip(_WS)
+    s = field_bytes.partition(b"\0")[0].strip(_WS)
     if not s:
         return 0
-    if s[:1] == b"+":
-        s = s[1:]
-    if not s or any(c < 0x30 or c > 0x37 for c in s):
+    m = _OCTAL.fullmatch(s)
+    if m is None:
         raise TarError(f"invalid octal field {field_bytes!r}")
-    return int(s, 8)
+    return int(m.group(1), 8)
 
 
 def parse_numeric(field_bytes: bytes) -> int:
