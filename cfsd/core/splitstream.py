@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, TYPE_CHECKING
 
 import zstandard
@@ -193,25 +193,35 @@ class SplitStreamWriter:
             w.abort()
 
 
-class _RangeReader:
-    """A raw, read-only file object over ``[start, end)`` of an fd (pread based)."""
+class RangeReader:
+    """A raw, read-only file object over ``[start, start+size)`` of an fd it does not own."""
 
-    def __init__(self, fd: int, start: int, end: int) -> None:
-        self.fd, self.pos, self.end = fd, start, end
+    def __init__(self, fd: int, start: int, size: int,
+                 on_close: Callable[[], None] | None = None) -> None:
+        self.fd, self.pos, self.end = fd, start, start + size
+        self._on_close = on_close
 
-    def read(self, n: int = -1) -> bytes:
+    def read(self, n: int = -1, /) -> bytes:
+        """Up to *n* bytes (b"" at the end of the range)."""
         if n < 0 or n > self.end - self.pos:
             n = self.end - self.pos
         if n <= 0:
             return b""
         data = os.pread(self.fd, min(n, 4 << 20), self.pos)
         if not data:
-            raise FormatError("splitstream truncated")
+            raise FormatError("file truncated")
         self.pos += len(data)
         return data
 
     def readable(self) -> bool:
+        """File-object protocol."""
         return True
+
+    def close(self) -> None:
+        """Run the close callback once (e.g. to close an fd owned elsewhere)."""
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None
 
 
 class SplitStreamReader:
@@ -268,7 +278,7 @@ class SplitStreamReader:
         self.object_refs = self._refs(orr, hs, "object_refs")
         self.named_refs: dict[str, bytes] = {}
         if nr[1] > nr[0]:
-            data = _decompress_all(_RangeReader(self.fd, *nr), MAX_NAMED_REFS)
+            data = _decompress_all(RangeReader(self.fd, nr[0], nr[1] - nr[0]), MAX_NAMED_REFS)
             records = data.split(b"\0")
             if records[-1]:
                 raise FormatError("splitstream named refs: trailing junk")
@@ -298,7 +308,8 @@ class SplitStreamReader:
     def chunks(self) -> Iterator[tuple[bool, bytes]]:
         """Yield ``(False, inline_bytes)`` pieces and ``(True, object_digest)`` references."""
         dctx = zstandard.ZstdDecompressor()
-        src = dctx.stream_reader(_RangeReader(self.fd, *self._stream_range),
+        start, end = self._stream_range
+        src = dctx.stream_reader(RangeReader(self.fd, start, end - start),
                                  read_across_frames=True)
         try:
             while True:
@@ -364,7 +375,7 @@ def _read_exact(src: zstandard.ZstdDecompressionReader, n: int,
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def _decompress_all(src: _RangeReader, limit: int) -> bytes:
+def _decompress_all(src: RangeReader, limit: int) -> bytes:
     out = bytearray()
     try:
         reader = zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True)

@@ -33,7 +33,7 @@ from typing import Any
 
 from cfsd.core.errors import CorruptObject, FormatError, NotFound
 from cfsd.core.repository import Repository
-from cfsd.core.splitstream import OCI_BLOB, OCI_CONFIG
+from cfsd.core.splitstream import OCI_BLOB, OCI_CONFIG, RangeReader
 from cfsd.core.tree import FileSystem
 from cfsd.delta.artifact import (
     DeltaFormatError,
@@ -63,7 +63,6 @@ from cfsd.oci.registry import Credentials
 from cfsd.oci.sources import (
     ArchiveSource,
     BlobReader,
-    FdRangeReader,
     LayoutSource,
     PathOpener,
     Source,
@@ -253,7 +252,7 @@ class _Worker:
         except BaseException:
             os.close(fd)
             raise
-        return FdRangeReader(fd, 0, d.size, lambda: os.close(fd)), None
+        return RangeReader(fd, 0, d.size, lambda: os.close(fd)), None
 
     def run(self, job: _Job) -> StagedLayer:
         """Rebuild one layer into a staging area (the caller commits or aborts it)."""

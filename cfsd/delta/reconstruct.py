@@ -27,7 +27,7 @@ from cfsd.delta.tardiff import SourceResolver, apply_tardiff
 from cfsd.oci.compression import decompressed
 from cfsd.oci.digest import Digest
 from cfsd.oci.documents import Descriptor
-from cfsd.oci.layers import DiffIdMismatch
+from cfsd.oci.layers import DiffIdMismatch, HashingReader
 from cfsd.oci.pull import Cancelled
 from cfsd.oci.stats import ImportStats
 
@@ -147,19 +147,6 @@ class Pipe:
                 return
 
 
-class _HashingReader:
-    def __init__(self, src: Reader, digest: Digest) -> None:
-        self.src = src
-        self.hash = digest.hasher()
-        self.size = 0
-
-    def read(self, n: int = -1, /) -> bytes:
-        data = self.src.read(n)
-        self.hash.update(data)
-        self.size += len(data)
-        return data
-
-
 @dataclass
 class StagedLayer:
     """A layer whose objects and splitstream are staged but not yet published."""
@@ -180,7 +167,7 @@ def stage_layer(repo: Repository, src: Reader, diff_id: str, *,
     as a diff_id mismatch rather than as a malformed tar.
     """
     digest = Digest.parse(diff_id)
-    reader = _HashingReader(src, digest)
+    reader = HashingReader(src, digest)
     staging = repo.staging()
     try:
         writer = repo.create_stream(TAR_LAYER, staging)

@@ -34,8 +34,8 @@ def layer_stream_id(diff_id: Digest | str) -> str:
     return f"{LAYER_PREFIX}{diff_id}"
 
 
-class _HashingReader:
-    """Pass-through reader that hashes (and counts) what it reads."""
+class HashingReader:
+    """Pass-through reader that hashes (and counts) what it reads (the diff_id check)."""
 
     def __init__(self, src: Reader, digest: Digest) -> None:
         self.src = src
@@ -75,7 +75,7 @@ def import_layer(repo: Repository, src: Reader, diff_id: str, name: str | None =
         if name is not None:
             repo.name_stream(content_id, name)
         return LayerResult(existing, True, ImportStats(layers_already_present=1))
-    reader = _HashingReader(src, digest)
+    reader = HashingReader(src, digest)
     with repo.staging() as staging:
         writer = repo.create_stream(TAR_LAYER, staging)
         split_tar(reader, writer)

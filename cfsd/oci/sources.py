@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from cfsd.core.errors import FormatError, NotFound, RepositoryError
+from cfsd.core.splitstream import RangeReader
 from cfsd.oci.digest import Digest, DigestMismatch, InvalidDigest
 from cfsd.oci.documents import MAX_MANIFEST, Descriptor
 from cfsd.oci.reference import ImageReference
@@ -78,31 +79,6 @@ class Source(Protocol):
         ...
 
 
-class FdRangeReader:
-    """Reads ``[offset, offset+size)`` of a file descriptor (which it does not own)."""
-
-    def __init__(self, fd: int, offset: int, size: int, on_close: Callable[[], None] | None
-                 = None) -> None:
-        self.fd, self.pos, self.end = fd, offset, offset + size
-        self._on_close = on_close
-
-    def read(self, n: int = -1, /) -> bytes:
-        if n < 0 or n > self.end - self.pos:
-            n = self.end - self.pos
-        if n <= 0:
-            return b""
-        data = os.pread(self.fd, min(n, 4 << 20), self.pos)
-        if not data:
-            raise SourceError("blob truncated on disk")
-        self.pos += len(data)
-        return data
-
-    def close(self) -> None:
-        if self._on_close is not None:
-            self._on_close()
-            self._on_close = None
-
-
 def _select_by_ref(index_bytes: bytes, ref: ImageReference, where: str) -> tuple[
         bytes | None, Descriptor | None]:
     """From an index.json: the descriptor named by the reference's tag/digest, if any."""
@@ -160,7 +136,7 @@ class _FileStore:
             if on_close:
                 on_close()
             raise DigestMismatch(f"blob {digest} has {length} bytes, descriptor says {size}")
-        return FdRangeReader(fd, offset, length, on_close)
+        return RangeReader(fd, offset, length, on_close)
 
 
 class LayoutSource(_FileStore):

@@ -174,17 +174,17 @@ def check_writer(dir_fd: int, creds: PeerCreds, what: str) -> None:
 
 
 @contextlib.contextmanager
-def fs_identity(dir_fd: int) -> Iterator[None]:
-    """Run the block with the filesystem identity of the owner of *dir_fd* (root daemon only).
+def _as_fs_ids(uid: int, gid: int) -> Iterator[None]:
+    """This thread's filesystem uid/gid set to *uid*/*gid* for the block (root daemon only).
 
-    setfsuid/setfsgid are per thread, so other requests are unaffected.
+    setfsuid/setfsgid are per thread; with a non-zero fsuid the kernel also drops the
+    filesystem capabilities, so it enforces that user's permissions in the block.
     """
-    st = os.fstat(dir_fd)
-    if os.geteuid() != 0 or st.st_uid == 0:
+    if os.geteuid() != 0 or uid in (0, -1):
         yield
         return
-    old_uid = _libc.setfsuid(st.st_uid)
-    old_gid = _libc.setfsgid(st.st_gid)
+    old_uid = _libc.setfsuid(uid)
+    old_gid = _libc.setfsgid(gid)
     try:
         yield
     finally:
@@ -192,19 +192,15 @@ def fs_identity(dir_fd: int) -> Iterator[None]:
         _libc.setfsuid(old_uid)
 
 
-@contextlib.contextmanager
-def caller_identity(creds: PeerCreds) -> Iterator[None]:
+def fs_identity(dir_fd: int) -> contextlib.AbstractContextManager[None]:
+    """Run the block with the filesystem identity of the owner of *dir_fd*."""
+    st = os.fstat(dir_fd)
+    return _as_fs_ids(st.st_uid, st.st_gid)
+
+
+def caller_identity(creds: PeerCreds) -> contextlib.AbstractContextManager[None]:
     """Run the block with the caller's filesystem identity (root daemon serving a user).
 
     Files created belong to the caller and the kernel checks the caller's permissions.
     """
-    if os.geteuid() != 0 or creds.uid in (0, -1):
-        yield
-        return
-    old_uid = _libc.setfsuid(creds.uid)
-    old_gid = _libc.setfsgid(creds.gid)
-    try:
-        yield
-    finally:
-        _libc.setfsgid(old_gid)
-        _libc.setfsuid(old_uid)
+    return _as_fs_ids(creds.uid, creds.gid)

@@ -11,7 +11,6 @@ changes when everything worked: objects are staged and published together with t
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 import stat
@@ -19,7 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from cfsd.core import fsverity
-from cfsd.core.dumpfile import _leaf_line, _line, escape_optional, write_dumpfile
+from cfsd.core.dumpfile import directory_line, escape_optional, leaf_line, write_dumpfile
 from cfsd.core.erofs import erofs_to_filesystem, validate_filesystem, write_image
 from cfsd.core.errors import NotFound
 from cfsd.core.fsread import RepositoryStore, ScanError, ScanOptions, read_filesystem
@@ -35,7 +34,6 @@ from cfsd.core.mkcomposefs import (
 )
 from cfsd.core.repository import validate_ref_name
 from cfsd.core.tree import (
-    S_IFDIR,
     Directory,
     External,
     ExternalNoVerity,
@@ -50,7 +48,6 @@ from cfsd.service.binding import Call, PeerCreds, VarlinkError
 from cfsd.service.errors import REPOSITORY
 from cfsd.service.state import Handle
 
-_libc = ctypes.CDLL(None, use_errno=True)
 _XATTR_MODES = {m.value for m in XattrFiltering}
 MAX_DUMP = 1 << 30          # a dumpfile read by Mkcomposefs is held in memory
 
@@ -75,25 +72,6 @@ def scan_access(creds: PeerCreds) -> dict[str, Any]:
         return {"access": None, "hide_trusted_xattrs": False}
     return {"access": lambda st, want: auth.may(st, creds, want),
             "hide_trusted_xattrs": True}
-
-
-@contextlib.contextmanager
-def caller_identity(creds: PeerCreds) -> Iterator[None]:
-    """Filesystem writes of this thread as the caller (root daemon, other caller only).
-
-    With a non-zero fsuid the kernel drops the filesystem capabilities, so it enforces the
-    caller's permissions on everything created in the block.
-    """
-    if os.geteuid() != 0 or creds.uid in (0, -1):
-        yield
-        return
-    old_uid = _libc.setfsuid(creds.uid)
-    old_gid = _libc.setfsgid(creds.gid)
-    try:
-        yield
-    finally:
-        _libc.setfsgid(old_gid)
-        _libc.setfsuid(old_uid)
 
 
 def _fs_options(options: dict[str, Any] | None) -> tuple[bool, str]:
@@ -328,7 +306,7 @@ class ImageMethods:
         try:
             if digest_store is not None:
                 try:
-                    with caller_identity(call.creds):
+                    with auth.caller_identity(call.creds):
                         sfd = auth.open_dir(_absolute(digest_store, "digest_store"),
                                             call.creds, want=auth.W | auth.X, create=True,
                                             create_mode=0o755)
@@ -338,7 +316,7 @@ class ImageMethods:
                 except OSError as e:
                     raise MkcomposefsError(f"cannot fill store: {digest_store}: "
                                            f"{e.strerror}", e.errno) from None
-            store = (DigestStore(sfd, lambda: caller_identity(call.creds))
+            store = (DigestStore(sfd, lambda: auth.caller_identity(call.creds))
                      if sfd is not None else None)
             return from_directory(fd, opts, source=source, store=store,
                                   **scan_access(call.creds))
@@ -377,7 +355,7 @@ def dump_files(fs: FileSystem, files: list[str], backing_path_only: bool) -> lis
             else:
                 out.append(f"{path} inline")
             continue
-        out.append(_leaf_line(bpath, leaf, nlinks[leaf]).decode().rstrip("\n"))
+        out.append(leaf_line(bpath, leaf.stat, leaf.content, nlinks[leaf]).decode().rstrip("\n"))
     return out
 
 
@@ -392,7 +370,7 @@ def _dump_subtree(path: bytes, d: Directory, nlinks: dict[Leaf, int]) -> list[st
         if cur is not None:
             ents = cur.sorted_entries()
             nsub = sum(1 for _, c in ents if type(c) is Directory)
-            out.append(_line(p, cur.stat, S_IFDIR, 0, 2 + nsub, 0, b"", b"", None))
+            out.append(directory_line(p, cur.stat, 2 + nsub))
             stack.append((p.rstrip(b"/"), iter(ents)))
             cur = None
         if not stack:
@@ -411,7 +389,7 @@ def _dump_subtree(path: bytes, d: Directory, nlinks: dict[Leaf, int]) -> list[st
                                + escape_optional(first[leaf]) + b" - -\n")
                     continue
                 first[leaf] = cp
-            out.append(_leaf_line(cp, leaf, n))
+            out.append(leaf_line(cp, leaf.stat, leaf.content, n))
         else:
             stack.pop()
     return [line.decode().rstrip("\n") for line in out]
