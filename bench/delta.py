@@ -3,6 +3,8 @@
 
 Usage: python bench/delta.py [--mib 120] [--files 3000] [--layers 3] [--changed 0.1]
                              [--media oci,oci-archive,docker] [--version 2] [--keep]
+       python bench/delta.py --create [...]   (delta creation on two versions of real
+                                              Python packages: see bench/delta_create.py)
 
 Generates (once, cached in $TMPDIR/cfsd-bench-delta-*) an old image of --layers gzip layers
 (about --mib MiB uncompressed, --files files) and a package-upgrade-like new image whose first
@@ -244,6 +246,9 @@ def registry(work: Path) -> tuple[subprocess.Popen, str]:
 
 
 def main() -> int:
+    if "--create" in sys.argv[1:]:
+        from bench.delta_create import main as create_main
+        return create_main([x for x in sys.argv[1:] if x != "--create"])
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mib", type=int, default=120)

@@ -23,10 +23,12 @@ The archive is assembled by ``cfsd.delta.assemble`` into an anonymous file that 
 output file only when complete.  The output is a pure function of the two images and the
 options (never of timing or concurrency).
 
-Temporary disk: the patch (or recompressed layer) of every changed layer until the archive
-is written — about the size of the delta — plus, per worker, one spooled file of the layer
-being encoded when it exceeds 8 MiB.  Memory: the old image's tree, the memory budget, and a
-few MiB per worker.
+Temporary disk (anonymous files in the output's directory, gone when closed): the patch (or
+recompressed layer) of every changed layer until the archive is written — about the size of
+the delta — plus, per worker, the target file being encoded when it exceeds 8 MiB.  Memory:
+the old image's tree, at most ``CreateOptions.memory`` (1 GiB) for the in-memory deltas of
+all workers together (a single larger one runs alone; the encoder's size caps bound it), and
+a few MiB per worker.  ``cfsd.delta.create_io`` holds the readers and writers.
 """
 
 from __future__ import annotations
@@ -34,12 +36,10 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
-import gzip
-import hashlib
-import io
 import os
 import queue
 import threading
+import zlib
 from collections.abc import Callable, Generator, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -47,11 +47,10 @@ from typing import Any
 
 import zstandard
 
-from cfsd.core import tree
 from cfsd.core.errors import FormatError
 from cfsd.core.fsverity import FsVerityHasher
 from cfsd.core.repository import Repository
-from cfsd.core.splitstream import TAR_LAYER
+from cfsd.core.splitstream import RangeReader
 from cfsd.delta.assemble import (
     EMPTY_CONFIG,
     OCI_LAYOUT,
@@ -62,9 +61,10 @@ from cfsd.delta.assemble import (
     layout_index,
     sha256_digest,
 )
+from cfsd.delta.create_io import FdWriter, HashSink, LayerTarReader, old_files
 from cfsd.delta.source import SourceImage, TreeSource, build_tree
 from cfsd.delta.tardiff import TarDiffError, apply_tardiff
-from cfsd.delta.tardiff_encode import EncodeOptions, EncodeStats, OldFile, SourceIndex
+from cfsd.delta.tardiff_encode import EncodeOptions, EncodeStats, SourceIndex
 from cfsd.delta.tardiff_encode import encode_tardiff as encode
 from cfsd.oci import documents, image, mediatypes
 from cfsd.oci.digest import Digest
@@ -189,157 +189,6 @@ class MemoryBudget:
                 self._cond.notify_all()
 
 
-# ------------------------------------------------------------------------------ readers
-
-class LayerTarReader:
-    """The uncompressed tar of a layer splitstream, read front to back and hashed."""
-
-    def __init__(self, repo: Repository, verity: bytes, algorithm: str = "sha256",
-                 cancel: threading.Event | None = None) -> None:
-        self.repo = repo
-        self._stream = repo.open_stream(verity=verity, content_type=TAR_LAYER)
-        self._chunks = self._stream.chunks()
-        self._buf = b""
-        self._fd = -1
-        self.hash = hashlib.new(algorithm)
-        self.size = 0
-        self.cancel = cancel
-
-    def _next(self) -> bool:
-        for external, data in self._chunks:
-            if external:
-                self._fd = self.repo.open_object(data)
-            else:
-                self._buf = data
-            return True
-        return False
-
-    def read(self, n: int = -1, /) -> bytes:
-        """Up to *n* bytes (a chunk when *n* < 0); b"" at the end."""
-        if self.cancel is not None and self.cancel.is_set():
-            raise Cancelled("delta creation cancelled")
-        want = n if n > 0 else CHUNK
-        while True:
-            if self._buf:
-                out, self._buf = self._buf[:want], self._buf[want:]
-                break
-            if self._fd >= 0:
-                out = os.read(self._fd, want)
-                if out:
-                    break
-                os.close(self._fd)
-                self._fd = -1
-            if not self._next():
-                return b""
-        self.hash.update(out)
-        self.size += len(out)
-        return out
-
-    def close(self) -> None:
-        """Release the stream and any open object."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        self._stream.close()
-
-    def check(self, diff_id: str) -> None:
-        """FormatError unless everything read matches *diff_id*."""
-        if self.read(CHUNK):
-            while self.read(CHUNK):
-                pass
-        hx = Digest.parse(diff_id).hex
-        if self.hash.hexdigest() != hx:
-            raise FormatError(f"stored layer {diff_id} does not match its diff_id")
-
-
-class _FdWriter:
-    """Writes to a file descriptor, counting and hashing (sha256)."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.size = 0
-        self.sha = hashlib.sha256()
-
-    def write(self, b: bytes | bytearray | memoryview, /) -> int:
-        mv = memoryview(b)
-        self.sha.update(mv)
-        n = len(mv)
-        while mv:
-            mv = mv[os.write(self.fd, mv):]
-        self.size += n
-        return n
-
-    def flush(self) -> None:
-        """Nothing is buffered."""
-
-    @property
-    def digest(self) -> str:
-        """``sha256:<hex>`` of everything written."""
-        return "sha256:" + self.sha.hexdigest()
-
-
-class _FdReader:
-    """Sequential reads of the first *size* bytes of a file descriptor."""
-
-    def __init__(self, fd: int, size: int) -> None:
-        self.fd = fd
-        self.pos = 0
-        self.size = size
-
-    def read(self, n: int = -1, /) -> bytes:
-        n = self.size - self.pos if n < 0 else min(n, self.size - self.pos)
-        if n <= 0:
-            return b""
-        data = os.pread(self.fd, min(n, CHUNK), self.pos)
-        self.pos += len(data)
-        return data
-
-
-class _HashSink:
-    def __init__(self, algorithm: str) -> None:
-        self.hash = hashlib.new(algorithm)
-        self.size = 0
-
-    def write(self, b: bytes, /) -> int:
-        self.hash.update(b)
-        self.size += len(b)
-        return len(b)
-
-
-# ------------------------------------------------------------------------------ the source
-
-def old_files(repo: Repository, fs: tree.FileSystem) -> list[OldFile]:
-    """Every regular file of the merged tree, as tar-diff sources (fs-verity digests)."""
-    out: list[OldFile] = []
-    alg = repo.alg
-    for path, inode in fs.walk():
-        if type(inode) is tree.Directory:
-            continue
-        assert isinstance(inode, tree.Leaf)
-        content = inode.content
-        try:
-            name = path[1:].decode("utf-8")
-        except UnicodeDecodeError:
-            continue
-        if isinstance(content, tree.External):
-            out.append(OldFile(name, content.size, content.id,
-                               functools.partial(_open_object, repo, content.id)))
-        elif isinstance(content, tree.Inline) and content.data:
-            h = FsVerityHasher(alg)
-            h.update(content.data)
-            out.append(OldFile(name, len(content.data), h.digest(),
-                               functools.partial(_open_inline, content.data)))
-    return out
-
-
-def _open_object(repo: Repository, obj: bytes) -> Any:
-    return os.fdopen(repo.open_object(obj), "rb", buffering=1 << 16)
-
-
-def _open_inline(data: bytes) -> Any:
-    return io.BytesIO(data)
-
-
 # ------------------------------------------------------------------------------ layer jobs
 
 @dataclass
@@ -407,73 +256,100 @@ class _Worker:
             tmpdir=f"/proc/self/fd/{output.dir_fd}", reserve=self.budget.reserve, **kw)
 
     def run(self, job: _Job) -> _Blob:
-        """The blob carrying *job*'s layer."""
+        """The blob carrying *job*'s layer: the checked tar-diff when it is smaller than the
+        target's compressed layer, else the smaller of the recompressed layer and the
+        (checked) tar-diff."""
         with self.opts.worker_context():
-            fd = self.output.temp_fd()
+            patch = self._encode(job)
+            chosen = patch
             try:
-                blob, note = self._tardiff(job, fd)
+                if patch.size < job.target.size:
+                    note = self._guard(job, patch)
+                    if note:
+                        chosen = self._original(job, note, patch.result.tar_size)
+                else:
+                    chosen = self._original(job, "the tar-diff is not smaller than the layer",
+                                            patch.result.tar_size)
+                    if patch.size < chosen.size and not self._guard(job, patch):
+                        os.close(chosen.fd)
+                        chosen = patch
             except BaseException:
-                os.close(fd)
+                if chosen is not patch:
+                    os.close(chosen.fd)
+                os.close(patch.fd)
                 raise
-            if blob is not None:
-                self.events.put({"message": f"{job.diff_id}: tar-diff of {blob.size} bytes "
-                                            f"(layer blob {job.target.size} bytes)"})
-                return blob
-            os.close(fd)
-            blob = self._original(job, note)
-            self.events.put({"message": f"{job.diff_id}: stored whole, {blob.size} bytes "
-                                        f"({blob.result.note})"})
-            return blob
+            if chosen is not patch:
+                os.close(patch.fd)
+            self._say(job, chosen)
+            return chosen
 
-    def _tardiff(self, job: _Job, fd: int) -> tuple[_Blob | None, str]:
-        """The checked tar-diff, or None and why not."""
-        resolver, index = self.source.result()
-        alg = Digest.parse(job.diff_id).algorithm
-        reader = LayerTarReader(self.repo, job.verity, alg, self.opts.cancel)
-        out = _FdWriter(fd)
+    def _say(self, job: _Job, blob: _Blob) -> None:
+        if blob.result.kind == KIND_TARDIFF:
+            text = f"tar-diff of {blob.size} bytes (layer blob {job.target.size} bytes)"
+        else:
+            text = f"stored whole, {blob.size} bytes ({blob.result.note})"
+        self.events.put({"message": f"{job.diff_id}: {text}"})
+
+    def _encode(self, job: _Job) -> _Blob:
+        """The tar-diff of the layer, in a scratch file."""
+        _, index = self.source.result()
+        fd = self.output.temp_fd()
         try:
-            stats = encode(reader, index, out, self.encode_options)
-            reader.check(job.diff_id)
-        finally:
-            reader.close()
+            reader = LayerTarReader(self.repo, job.verity, job.diff_id, self.opts.cancel)
+            out = FdWriter(fd)
+            try:
+                stats = encode(reader, index, out, self.encode_options)
+                reader.check()
+            finally:
+                reader.close()
+        except BaseException:
+            os.close(fd)
+            raise
         result = LayerResult(job.diff_id, job.target.digest, KIND_TARDIFF, out.size,
                              job.target.size, reader.size, stats=stats)
-        if out.size >= job.target.size:
-            return None, "the tar-diff is not smaller than the layer"
-        if self.opts.guard:
-            sink = _HashSink(alg)
-            try:
-                apply_tardiff(_FdReader(fd, out.size), resolver, sink, max_output=reader.size)
-            except TarDiffError as e:
-                return None, f"the tar-diff did not apply: {e}"
-            if sink.size != reader.size or sink.hash.hexdigest() != Digest.parse(
-                    job.diff_id).hex:
-                return None, "the tar-diff did not reproduce the layer"
-        return _Blob(mediatypes.TAR_DIFF, out.digest, out.size, fd, result), ""
+        return _Blob(mediatypes.TAR_DIFF, out.digest, out.size, fd, result)
 
-    def _original(self, job: _Job, note: str) -> _Blob:
-        """The layer recompressed like the target's blob."""
+    def _guard(self, job: _Job, patch: _Blob) -> str:
+        """Apply the patch to the source tree: "" if it rebuilds the layer, else why not."""
+        if not self.opts.guard:
+            return ""
+        resolver, _ = self.source.result()
+        digest = Digest.parse(job.diff_id)
+        sink = HashSink(digest)
+        tar_size = patch.result.tar_size
+        try:
+            apply_tardiff(RangeReader(patch.fd, 0, patch.size), resolver, sink,
+                          max_output=tar_size)
+        except TarDiffError as e:
+            return f"the tar-diff did not apply: {e}"
+        if sink.size != tar_size or sink.hash.hexdigest() != digest.hex:
+            return "the tar-diff did not reproduce the layer"
+        return ""
+
+    def _original(self, job: _Job, note: str, tar_size: int) -> _Blob:
+        """The layer recompressed like the target's blob (zlib gzip level 6 or zstd level 3,
+        content size in the frame: byte-identical to blobs made that way)."""
         compression, media_type = original_media_type(job.target.media_type)
         fd = self.output.temp_fd()
         try:
-            alg = Digest.parse(job.diff_id).algorithm
-            reader = LayerTarReader(self.repo, job.verity, alg, self.opts.cancel)
-            out = _FdWriter(fd)
+            reader = LayerTarReader(self.repo, job.verity, job.diff_id, self.opts.cancel)
+            out = FdWriter(fd)
             try:
                 if compression == "gzip":
-                    with gzip.GzipFile(filename="", mode="wb", compresslevel=GZIP_LEVEL,
-                                       fileobj=out, mtime=0) as gz:  # type: ignore[arg-type]
-                        while data := reader.read(CHUNK):
-                            gz.write(data)
+                    z = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)   # zlib's gzip
+                    while data := reader.read(CHUNK):
+                        out.write(z.compress(data))
+                    out.write(z.flush())
                 elif compression == "zstd":
                     cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
-                    with cctx.stream_writer(out, closefd=False) as zw:  # type: ignore[arg-type]
+                    with cctx.stream_writer(out, size=tar_size,  # type: ignore[arg-type]
+                                            closefd=False) as zw:
                         while data := reader.read(CHUNK):
                             zw.write(data)
                 else:
                     while data := reader.read(CHUNK):
                         out.write(data)
-                reader.check(job.diff_id)
+                reader.check()
             finally:
                 reader.close()
         except BaseException:
