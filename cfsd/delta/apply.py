@@ -24,7 +24,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
-import queue
 import threading
 from collections.abc import Callable, Generator
 from contextlib import AbstractContextManager
@@ -57,7 +56,13 @@ from cfsd.oci import documents, image, mediatypes
 from cfsd.oci.documents import Descriptor
 from cfsd.oci.finalize import finalize_image
 from cfsd.oci.image import OciImage
-from cfsd.oci.pull import PullResult, VerifyingReader, host_platform, resolve_manifest
+from cfsd.oci.pull import (
+    EventChannel,
+    PullResult,
+    VerifyingReader,
+    host_platform,
+    resolve_manifest,
+)
 from cfsd.oci.reference import parse
 from cfsd.oci.registry import Credentials
 from cfsd.oci.sources import (
@@ -75,7 +80,6 @@ APPLY_ID = "apply-delta"
 REMOTE_INFLIGHT = 2
 MAX_SIGNATURE_BLOB = 4 << 20
 MAX_SIGNATURE_LAYERS = 16
-PROGRESS_STEP = 4 << 20
 CHUNK = 1 << 20
 
 
@@ -109,33 +113,6 @@ class _Job:
     @property
     def tardiff(self) -> bool:
         return self.blob.media_type == mediatypes.TAR_DIFF
-
-
-class _Events:
-    """Thread-safe event channel; byte progress coalesced per component."""
-
-    def __init__(self) -> None:
-        self.q: queue.Queue[Event] = queue.Queue()
-
-    def put(self, ev: Event) -> None:
-        self.q.put(ev)
-
-    def progress(self, ident: str, total: int) -> Callable[[int], None]:
-        last = [0]
-
-        def cb(count: int) -> None:
-            if count - last[0] >= PROGRESS_STEP or count == total:
-                last[0] = count
-                self.q.put({"progress": {"id": ident, "fetched": count, "total": total}})
-        return cb
-
-    def drain(self) -> list[Event]:
-        out = []
-        while True:
-            try:
-                out.append(self.q.get_nowait())
-            except queue.Empty:
-                return out
 
 
 def is_local(source: Source) -> bool:
@@ -213,7 +190,7 @@ class _Worker:
     """Runs layer jobs on a thread pool; shared, read-only state of one application."""
 
     def __init__(self, repo: Repository, source: Source, opts: ApplyOptions,
-                 events: _Events,
+                 events: EventChannel,
                  resolver: concurrent.futures.Future[TreeSource] | None) -> None:
         self.repo = repo
         self.source = source
@@ -369,7 +346,7 @@ def _import_target(repo: Repository, source: Source, delta: DeltaManifest,
         for diff_id in present:
             yield {"skipped": {"id": diff_id}}
         if jobs:
-            worker = _Worker(repo, source, opts, _Events(), resolver)
+            worker = _Worker(repo, source, opts, EventChannel(), resolver)
             yield from _run_jobs(worker, jobs, total - len(jobs), total, staged)
         yield {"done": {"id": APPLY_ID, "transferred": total}}
         yield {"message": "Storing config and manifest..."}

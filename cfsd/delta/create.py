@@ -37,7 +37,6 @@ import concurrent.futures
 import contextlib
 import functools
 import os
-import queue
 import threading
 import zlib
 from collections.abc import Callable, Generator, Iterator
@@ -70,7 +69,7 @@ from cfsd.oci import documents, image, mediatypes
 from cfsd.oci.digest import Digest
 from cfsd.oci.documents import Descriptor
 from cfsd.oci.image import OciImage
-from cfsd.oci.pull import Cancelled
+from cfsd.oci.pull import Cancelled, EventChannel
 
 Event = dict[str, Any]
 CREATE_ID = "create-delta"
@@ -219,27 +218,11 @@ def original_media_type(target_media_type: str) -> tuple[str, str]:
     return "none", "application/vnd.oci.image.layer.v1.tar"
 
 
-class _Events:
-    def __init__(self) -> None:
-        self.q: queue.Queue[Event] = queue.Queue()
-
-    def put(self, ev: Event) -> None:
-        self.q.put(ev)
-
-    def drain(self) -> list[Event]:
-        out = []
-        while True:
-            try:
-                out.append(self.q.get_nowait())
-            except queue.Empty:
-                return out
-
-
 class _Worker:
     """Encodes, checks and, if needed, recompresses layers (shared, read-only state)."""
 
     def __init__(self, repo: Repository, output: OutputFile, opts: CreateOptions,
-                 events: _Events,
+                 events: EventChannel,
                  source: concurrent.futures.Future[tuple[TreeSource, SourceIndex]]) -> None:
         self.repo = repo
         self.output = output
@@ -451,7 +434,7 @@ def create_delta(repo: Repository, old_ref: str, new_ref: str,
             yield {"message": "Building data source from the old image..."}
             source = builder.submit(_source, repo, old, old_ids)
             yield {"started": {"id": CREATE_ID, "total": len(jobs), "unit": "Items"}}
-            worker = _Worker(repo, output, opts, _Events(), source)
+            worker = _Worker(repo, output, opts, EventChannel(), source)
             yield from _run_jobs(worker, list(jobs.values()), blobs)
             yield {"done": {"id": CREATE_ID, "transferred": len(jobs)}}
         yield {"message": "Writing the delta archive..."}

@@ -198,16 +198,19 @@ class _LayerJob:
     container: bool
 
 
-class _Events:
-    """Thread-safe event channel; progress coalesced per component."""
+class EventChannel:
+    """Thread-safe event channel from worker threads to a generator; byte progress is
+    coalesced per component."""
 
     def __init__(self) -> None:
         self.q: queue.Queue[Event] = queue.Queue()
 
     def put(self, ev: Event) -> None:
+        """Queue one event."""
         self.q.put(ev)
 
     def progress(self, ident: str, total: int) -> Callable[[int], None]:
+        """A callback reporting cumulative bytes of *ident* (every PROGRESS_STEP bytes)."""
         last = [0]
 
         def cb(count: int) -> None:
@@ -215,6 +218,15 @@ class _Events:
                 last[0] = count
                 self.q.put({"progress": {"id": ident, "fetched": count, "total": total}})
         return cb
+
+    def drain(self) -> list[Event]:
+        """Every event queued so far."""
+        out = []
+        while True:
+            try:
+                out.append(self.q.get_nowait())
+            except queue.Empty:
+                return out
 
 
 class _InFlight:
@@ -246,7 +258,7 @@ class _InFlight:
 _INFLIGHT = _InFlight()
 
 
-def _import_one(repo: Repository, source: Source, job: _LayerJob, events: _Events,
+def _import_one(repo: Repository, source: Source, job: _LayerJob, events: EventChannel,
                 cancel: threading.Event) -> tuple[bytes, ImportStats]:
     ident = job.stream_id_digest
     while True:
@@ -270,7 +282,7 @@ def _import_one(repo: Repository, source: Source, job: _LayerJob, events: _Event
     return verity, stats
 
 
-def _import_fetch(repo: Repository, source: Source, job: _LayerJob, events: _Events,
+def _import_fetch(repo: Repository, source: Source, job: _LayerJob, events: EventChannel,
                   cancel: threading.Event) -> tuple[bytes, ImportStats]:
     ident = job.stream_id_digest
     desc = job.desc
@@ -444,7 +456,7 @@ def _run_layers(repo: Repository, source: Source, jobs: list[_LayerJob],
                 ) -> Generator[Event, None, None]:
     if not jobs:
         return
-    events = _Events()
+    events = EventChannel()
     ex = concurrent.futures.ThreadPoolExecutor(max_workers=opts.max_workers or layer_workers(),
                                                thread_name_prefix="pull-layer")
     futures = {ex.submit(_import_one, repo, source, j, events, opts.cancel): j for j in jobs}
@@ -453,14 +465,12 @@ def _run_layers(repo: Repository, source: Source, jobs: list[_LayerJob],
         while pending:
             done, pending = concurrent.futures.wait(pending, timeout=0.1,
                                                     return_when=concurrent.futures.FIRST_COMPLETED)
-            while not events.q.empty():
-                yield events.q.get_nowait()
+            yield from events.drain()
             for f in done:
                 verity, lstats = f.result()
                 layer_refs[futures[f].stream_id_digest] = verity
                 stats += lstats
-        while not events.q.empty():
-            yield events.q.get_nowait()
+        yield from events.drain()
     except BaseException:
         opts.cancel.set()
         raise
