@@ -70,3 +70,15 @@ def gc_text(result: dict[str, int], dry_run: bool) -> str:
         lines.append(f"Pruned symlinks: {result['images_pruned']} images, "
                      f"{result['streams_pruned']} streams")
     return "\n".join(lines)
+
+
+def print_completed(completed: dict[str, Any], tag: str, as_json: bool) -> None:
+    """The summary lines of a pull or an applied delta (upstream's format), or its JSON."""
+    if as_json:
+        print_json(completed)
+        return
+    print(f"manifest {completed['manifest_digest']}")
+    print(f"config   {completed['config_digest']}")
+    print(f"verity   {completed['manifest_verity']}")
+    print(f"tagged   {tag}")
+    print(f"objects  {completed['stats']}")

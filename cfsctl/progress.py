@@ -94,3 +94,19 @@ class ProgressView:
             self.out.write("\n")
             self._line = False
         self.out.flush()
+
+
+def stream_with_progress(client: Any, method: str, params: dict[str, Any], final: str,
+                         quiet: bool) -> dict[str, Any] | None:
+    """Call a streaming method, show its event frames, return its *final* field."""
+    view = ProgressView(quiet=quiet)
+    result = None
+    try:
+        for frame, _ in client.stream(method, params, more=True):
+            if frame.get(final) is not None:
+                result = frame[final]
+            else:
+                view.event(frame)
+    finally:
+        view.close()
+    return result

@@ -7,8 +7,8 @@ import argparse
 import os
 
 from cfsctl.context import CommandError, Context
-from cfsctl.output import print_json
-from cfsctl.progress import ProgressView, human
+from cfsctl.output import print_completed, print_json
+from cfsctl.progress import human, stream_with_progress
 
 OCI = "org.composefs.Oci."
 MAX_KEY = 64 << 10
@@ -44,26 +44,11 @@ def cmd_apply_delta(ctx: Context, a: argparse.Namespace) -> int:
               "auth_file": os.path.abspath(a.authfile) if a.authfile else None,
               "concurrency": a.concurrency,
               "verify_key": read_key(a.verify_key) if a.verify_key else None}
-    view = ProgressView(quiet=a.quiet or ctx.args.json)
-    completed = None
-    try:
-        for frame, _ in ctx.client.stream(OCI + "ApplyDelta", params, more=True):
-            if frame.get("completed") is not None:
-                completed = frame["completed"]
-            else:
-                view.event(frame)
-    finally:
-        view.close()
+    completed = stream_with_progress(ctx.client, OCI + "ApplyDelta", params, "completed",
+                                     a.quiet or ctx.args.json)
     if completed is None:
         raise CommandError("apply-delta finished without a result")
-    if ctx.args.json:
-        print_json(completed)
-        return 0
-    print(f"manifest {completed['manifest_digest']}")
-    print(f"config   {completed['config_digest']}")
-    print(f"verity   {completed['manifest_verity']}")
-    print(f"tagged   {a.name or a.delta}")
-    print(f"objects  {completed['stats']}")
+    print_completed(completed, a.name or a.delta, ctx.args.json)
     return 0
 
 
@@ -74,16 +59,8 @@ def cmd_create_delta(ctx: Context, a: argparse.Namespace) -> int:
     output = os.path.abspath(a.output)
     params = {"handle": ctx.handle, "old": a.old, "new": a.new, "output": output,
               "format": a.format, "concurrency": a.concurrency, "ref_name": a.ref_name}
-    view = ProgressView(quiet=a.quiet or ctx.args.json)
-    created = None
-    try:
-        for frame, _ in ctx.client.stream(OCI + "CreateDelta", params, more=True):
-            if frame.get("created") is not None:
-                created = frame["created"]
-            else:
-                view.event(frame)
-    finally:
-        view.close()
+    created = stream_with_progress(ctx.client, OCI + "CreateDelta", params, "created",
+                                   a.quiet or ctx.args.json)
     if created is None:
         raise CommandError("create-delta finished without a result")
     if ctx.args.json:

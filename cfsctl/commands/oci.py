@@ -10,8 +10,8 @@ import sys
 from cfsctl.client import CallError
 from cfsctl.commands import delta
 from cfsctl.context import CommandError, Context, UsageError
-from cfsctl.output import fsck_text, print_json, table
-from cfsctl.progress import ProgressView
+from cfsctl.output import fsck_text, print_completed, print_json, table
+from cfsctl.progress import stream_with_progress
 
 OCI = "org.composefs.Oci."
 REPO = "org.composefs.Repository."
@@ -48,26 +48,11 @@ def cmd_pull(ctx: Context, a: argparse.Namespace) -> int:
               "tls_verify": a.tls_verify, "credentials": a.creds,
               "auth_file": os.path.abspath(a.authfile) if a.authfile else None,
               "concurrency": a.concurrency}
-    view = ProgressView(quiet=a.quiet or ctx.args.json)
-    completed = None
-    try:
-        for frame, _ in ctx.client.stream(OCI + "Pull", params, more=True):
-            if "completed" in frame and frame["completed"] is not None:
-                completed = frame["completed"]
-            else:
-                view.event(frame)
-    finally:
-        view.close()
+    completed = stream_with_progress(ctx.client, OCI + "Pull", params, "completed",
+                                     a.quiet or ctx.args.json)
     if completed is None:
         raise CommandError("pull finished without a result")
-    if ctx.args.json:
-        print_json(completed)
-        return 0
-    print(f"manifest {completed['manifest_digest']}")
-    print(f"config   {completed['config_digest']}")
-    print(f"verity   {completed['manifest_verity']}")
-    print(f"tagged   {a.name or a.image}")
-    print(f"objects  {completed['stats']}")
+    print_completed(completed, a.name or a.image, ctx.args.json)
     return 0
 
 
