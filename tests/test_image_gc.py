@@ -72,3 +72,31 @@ def test_fsck_reports_damaged_image(shared_daemon: Daemon, layout: Path, tmp_pat
     # an image that is not a root of its own).
     cfs("gc")
     assert image_obj.exists()
+
+
+def test_oci_fsck_reports_a_damaged_manifest(shared_daemon: Daemon, layout: Path,
+                                             tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    cfs = lambda *a, **k: run_cfsctl("--repo", str(repo), *a,  # noqa: E731
+                                     address=shared_daemon.address, **k)
+    cfs("init", "--insecure")
+    cfs("oci", "pull", f"oci:{layout}:v1", "img")
+    ok = json.loads(cfs("oci", "fsck", "--json").stdout)
+    assert ok["ok"] and ok["images_checked"] == 1
+    digest = json.loads(cfs("oci", "images", "--json").stdout)["images"][0]["manifest_digest"]
+    target = os.readlink(repo / "streams" / f"oci-manifest-{digest}")
+    stream_obj = (repo / "streams" / target).resolve()
+    from cfsd.core.splitstream import SplitStreamReader
+    fd = os.open(stream_obj, os.O_RDONLY)
+    with SplitStreamReader(fd, fsverity.SHA512) as r:
+        manifest_obj = r.object_refs[0]
+    mpath = repo / "objects" / fsverity.object_path(manifest_obj)
+    mpath.write_bytes(mpath.read_bytes().replace(b"schemaVersion", b"schemaversion"))
+    report = json.loads(cfs("oci", "fsck", "--json").stdout)
+    assert not report["ok"] and report["images_corrupted"] == 1
+    assert report["errors"][0].startswith("fsck: manifest-read-failed: img:")
+    assert report["repo"]["objects_corrupted"] == 1
+    p = cfs("oci", "fsck", check=False)
+    assert p.returncode == 1 and "oci images: 0/1 ok" in p.stdout.decode()
+    p = cfs("oci", "fsck", "nonexistent", check=False)
+    assert p.returncode == 1 and "no such image" in p.stderr.decode()

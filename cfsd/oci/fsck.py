@@ -43,7 +43,13 @@ class OciFsckResult:
 def _check_image(repo: Repository, name: str, digest: str, res: OciFsckResult) -> None:
     res.images_checked += 1
     before = len(res.errors)
+    _check_image_links(repo, name, digest, res)
+    if len(res.errors) > before:
+        res.images_corrupted += 1
 
+
+def _check_image_links(repo: Repository, name: str, digest: str, res: OciFsckResult) -> None:
+    """Record findings for one image; returns at the first one that stops the walk."""
     def err(kind: str, detail: str) -> None:
         res.errors.append(f"fsck: {kind}: {name}: {detail}")
 
@@ -54,42 +60,35 @@ def _check_image(repo: Repository, name: str, digest: str, res: OciFsckResult) -
         mbytes, mrefs = image.read_external(repo, verity, OCI_MANIFEST)
     except (RepositoryError, OSError) as e:
         err("manifest-read-failed", str(e))
-        res.images_corrupted += 1
         return
     actual = image.sha256_digest(mbytes)
     if actual != digest:
         err("manifest-digest-mismatch", f"expected {digest}, got {actual}")
-        res.images_corrupted += 1
         return
     try:
         manifest = parse_manifest(mbytes)
     except FormatError as e:
         err("manifest-parse-failed", str(e))
-        res.images_corrupted += 1
         return
     cdigest = manifest.config.digest
     cverity = mrefs.get(f"config:{cdigest}")
     if cverity is None:
         err("config-ref-missing", cdigest)
-        res.images_corrupted += 1
         return
     try:
         cbytes, crefs = image.read_external(repo, cverity, OCI_CONFIG)
     except (RepositoryError, OSError) as e:
         err("config-read-failed", str(e))
-        res.images_corrupted += 1
         return
     actual = image.sha256_digest(cbytes)
     if actual != cdigest:
         err("config-digest-mismatch", f"expected {cdigest}, got {actual}")
-        res.images_corrupted += 1
         return
     if mediatypes.is_container_config(manifest.config.media_type):
         try:
             config = parse_config(cbytes)
         except FormatError as e:
             err("config-parse-failed", str(e))
-            res.images_corrupted += 1
             return
         for diff_id in config.rootfs.diff_ids:
             lverity = crefs.get(diff_id)
@@ -113,8 +112,6 @@ def _check_image(repo: Repository, name: str, digest: str, res: OciFsckResult) -
             elif not repo.has_object(lverity):
                 err("artifact-layer-object-missing", f"{d.digest}: object {lverity.hex()} "
                                                      "missing")
-    if len(res.errors) > before:
-        res.images_corrupted += 1
 
 
 def oci_fsck(repo: Repository, name: str | None = None) -> OciFsckResult:
