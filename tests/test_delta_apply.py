@@ -381,6 +381,10 @@ def test_signatures(shared_daemon: Daemon, world: World, tmp_path: Path) -> None
     sig_digest = sha256(sig.manifest)
     link = Path(repo, "streams/refs/oci-referrers", world.new.digest, sig_digest)
     assert os.readlink(link).endswith(f"oci-manifest-{sig_digest}")
+    inspect = json.loads(cfs(shared_daemon, repo, "oci", "inspect", "new").stdout)
+    assert inspect["referrers"] == [sig_digest]
+    listing = json.loads(cfs(shared_daemon, repo, "oci", "images", "--json").stdout)
+    assert [i["referrer_count"] for i in listing["images"] if i["name"] == "new"] == [1]
     assert snapshot(repo)["streams"].items() >= snapshot(world.reference)["streams"].items()
     assert_fsck_ok(shared_daemon, repo)
 

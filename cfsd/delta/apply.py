@@ -374,11 +374,6 @@ def _import_target(repo: Repository, source: Source, delta: DeltaManifest,
     image.publish_streams(repo, to_publish)
 
 
-def referrer_ref(subject: str, artifact: str) -> str:
-    """The stream ref linking an artifact to its subject (storage.md 4.4)."""
-    return f"oci-referrers/{image.encode_tag(subject)}/{image.encode_tag(artifact)}"
-
-
 def store_signatures(repo: Repository, subject: str, sigs: list[EmbeddedSignature]) -> None:
     """Keep embedded signatures as artifacts referring to the target manifest."""
     to_publish: list[tuple[str, bytes]] = []
@@ -404,7 +399,8 @@ def store_signatures(repo: Repository, subject: str, sigs: list[EmbeddedSignatur
         to_publish.append((image.MANIFEST_PREFIX + sig.digest, mverity))
     image.publish_streams(repo, to_publish)
     for sig in sigs:
-        repo.name_stream(image.MANIFEST_PREFIX + sig.digest, referrer_ref(subject, sig.digest))
+        repo.name_stream(image.MANIFEST_PREFIX + sig.digest,
+                         image.referrer_ref(subject, sig.digest))
 
 
 def apply_delta(repo: Repository, source: Source, manifest: bytes, digest: str,
@@ -474,4 +470,4 @@ def apply_delta_reference(repo: Repository, reference: str,
 
 
 __all__ = ["ApplyOptions", "NotADelta", "apply_delta", "apply_delta_reference", "is_local",
-           "referrer_ref", "store_signatures"]
+           "store_signatures"]

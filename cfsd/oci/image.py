@@ -24,6 +24,7 @@ CONFIG_PREFIX = "oci-config-"
 MANIFEST_PREFIX = "oci-manifest-"
 LAYER_PREFIX = "oci-layer-"
 TAG_PREFIX = "oci/"
+REFERRERS_PREFIX = "oci-referrers/"
 IMAGE_REF_V2 = "composefs.image"
 IMAGE_REF_V1 = "composefs.image.v1"
 BOOT_PREFIX = "composefs.image.boot"
@@ -255,6 +256,21 @@ def list_tags(repo: Repository) -> list[tuple[str, str]]:
     return out
 
 
+def referrer_ref(subject: str, artifact: str) -> str:
+    """Stream ref of an artifact (signature, delta...) referring to *subject* (storage.md 4.4)."""
+    return f"{REFERRERS_PREFIX}{encode_tag(subject)}/{encode_tag(artifact)}"
+
+
+def list_referrers(repo: Repository, subject: str) -> list[str]:
+    """Manifest digests of the stored artifacts that refer to *subject*."""
+    out = []
+    for enc, target in repo.list_refs("streams", REFERRERS_PREFIX + encode_tag(subject)):
+        last = target.rsplit("/", 1)[-1]
+        if last.startswith(MANIFEST_PREFIX):
+            out.append(decode_tag(enc))
+    return sorted(out)
+
+
 def image_entry(name: str, img: OciImage, referrers: int = 0) -> dict[str, Any]:
     """A varlink ImageEntry."""
     cfg = img.config
@@ -275,7 +291,7 @@ def list_images(repo: Repository, filter: str | None = None) -> list[dict[str, A
             img = OciImage.open(repo, digest)
         except (NotFound, FormatError, OSError):
             continue
-        out.append(image_entry(name, img))
+        out.append(image_entry(name, img, len(list_referrers(repo, digest))))
     return out
 
 
@@ -285,7 +301,8 @@ def inspect(repo: Repository, image: str) -> dict[str, Any]:
     version = repo.meta.format_versions()[0]
     erofs = img.image_refs.get(IMAGE_REF_V2 if version == 2 else IMAGE_REF_V1)
     return {"manifest": img.manifest_bytes.decode(), "config": img.config_bytes.decode(),
-            "referrers": [], "composefs_erofs": erofs.hex() if erofs else None,
+            "referrers": list_referrers(repo, img.manifest_digest),
+            "composefs_erofs": erofs.hex() if erofs else None,
             "composefs_boot_erofs": None}
 
 
