@@ -78,10 +78,16 @@ class Registry:
         (self.dir / "htpasswd").write_text(f"{self.user}:{hashed}\n")
         return f"auth: {{htpasswd: {{realm: cfsd-test, path: {self.dir / 'htpasswd'}}}}}\n"
 
-    def push(self, src: str, name: str, all_images: bool = False) -> str:
-        """skopeo copy *src* to this registry as *name*; returns the docker:// reference."""
+    def push(self, src: str, name: str, all_images: bool = False,
+             docker_format: bool = False) -> str:
+        """skopeo copy *src* to this registry as *name*; returns the docker:// reference.
+
+        *docker_format* converts to Docker schema 2 (manifest list for indexes).
+        """
         dest = f"docker://{self.host}/{name}"
         args = ["skopeo", "copy", "-q", "--dest-tls-verify=false"]
+        if docker_format:
+            args += ["--format", "v2s2"]
         if self.creds:
             args += ["--dest-creds", self.creds]
         if all_images:

@@ -51,6 +51,9 @@ def registry(images: dict[str, Any]) -> Iterator[Registry]:
     r.push(f"oci:{images['layout']}:v2", "demo:v2")
     r.push(f"oci:{images['zlayout']}:v1", "demo:zstd")
     r.push(f"oci:{images['layout']}:multi", "demo:multi", all_images=True)
+    r.push(f"oci:{images['layout']}:v1", "demo:docker", docker_format=True)
+    r.push(f"oci:{images['layout']}:multi", "demo:dockerlist", all_images=True,
+           docker_format=True)
     yield r
     r.stop()
 
@@ -215,3 +218,25 @@ def test_unsupported_transport_is_named(shared_daemon: Daemon, repo: str) -> Non
         assert p.returncode == 1
         err = p.stderr.decode()
         assert "oci:" in err and "docker://" in err, err
+
+
+def test_docker_schema2_and_manifest_list(shared_daemon: Daemon, registry: Registry,
+                                          repo: str, images: dict[str, Any]) -> None:
+    """Docker media types (manifest, manifest list, config, gzip layers) pull like OCI ones;
+    the manifest is stored as the registry's raw bytes."""
+    import httpx
+    src = f"docker://{registry.host}/demo:docker"
+    r = httpx.get(f"http://{registry.host}/v2/demo/manifests/docker",
+                  headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"})
+    assert r.headers["content-type"] == "application/vnd.docker.distribution.manifest.v2+json"
+    out = pull(shared_daemon, repo, src, "--tls-verify=false", name="docker")
+    assert out["manifest_digest"] == "sha256:" + hashlib.sha256(r.content).hexdigest()
+    stored = cfs(shared_daemon, repo, "oci", "inspect", "--manifest", "docker").stdout
+    assert stored == r.content
+    config = json.loads(cfs(shared_daemon, repo, "oci", "inspect", "--config", "docker").stdout)
+    layers_hash_to_diff_ids(shared_daemon, repo, config)
+    listed = pull(shared_daemon, repo, f"docker://{registry.host}/demo:dockerlist",
+                  "--tls-verify=false", "--platform", "linux/arm64", name="dockerarm")
+    cfg = json.loads(cfs(shared_daemon, repo, "oci", "inspect", "--config", "dockerarm").stdout)
+    assert cfg["architecture"] == "arm64" and listed["manifest_digest"] != out["manifest_digest"]
+    assert json.loads(cfs(shared_daemon, repo, "oci", "fsck", "--json").stdout)["ok"]
