@@ -42,6 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.benchlib import Cfsd  # noqa: E402
 from cfsd.delta.tardiff_encode import (  # noqa: E402
     EncodeOptions,
     OldFile,
@@ -195,36 +196,6 @@ def build(cache: Path, mib: int, nfiles: int, nlayers: int, changed: float,
             "tar_bytes": sum(len(t) for t in new_tars)}
     info_path.write_text(json.dumps(info))
     return info
-
-
-class Cfsd:
-    def __init__(self, work: Path) -> None:
-        self.sock = work / "cfsd.sock"
-        self.proc = subprocess.Popen([sys.executable, "-m", "cfsd", "--address",
-                                      f"unix:{self.sock}", "--log-level", "error"],
-                                     cwd=str(ROOT))
-        for _ in range(1000):
-            if self.sock.exists():
-                break
-            time.sleep(0.01)
-        self.env = dict(os.environ, CFSD_ADDRESS=f"unix:{self.sock}")
-
-    def run(self, repo: Path, *args: str) -> str:
-        p = subprocess.run([sys.executable, "-m", "cfsctl", "--repo", str(repo), *args],
-                           env=self.env, cwd=str(ROOT), capture_output=True, check=False)
-        if p.returncode:
-            raise RuntimeError(f"cfsctl {' '.join(args)}: {p.stderr.decode()}")
-        return p.stdout.decode()
-
-    def timed(self, repo: Path, *args: str) -> tuple[float, str]:
-        os.sync()
-        t = time.perf_counter()
-        out = self.run(repo, *args)
-        return time.perf_counter() - t, out
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait()
 
 
 def registry(work: Path) -> tuple[subprocess.Popen, str]:

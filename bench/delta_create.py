@@ -32,10 +32,12 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.benchlib import Cfsd  # noqa: E402
+
 SITE = "usr/lib/python3.11/site-packages"
 DEFAULT_PACKAGES = ("numpy==1.26.3:1.26.4,cryptography==42.0.7:42.0.8,pip==24.1:24.1.1,"
                     "setuptools==69.5.0:69.5.1,requests==2.32.2:2.32.3,urllib3==2.2.1:2.2.2")
@@ -135,38 +137,6 @@ def tarfile_images(layout: Path, old: Path, new: Path) -> None:
         index.append({**blob(m, MANIFEST),
                       "annotations": {"org.opencontainers.image.ref.name": tag}})
     (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": index}))
-
-
-class Cfsd:
-    """A private cfsd on a socket in *work*."""
-
-    def __init__(self, work: Path) -> None:
-        self.sock = work / "cfsd.sock"
-        self.proc = subprocess.Popen([sys.executable, "-m", "cfsd", "--address",
-                                      f"unix:{self.sock}", "--log-level", "error"],
-                                     cwd=str(ROOT))
-        for _ in range(1000):
-            if self.sock.exists():
-                break
-            time.sleep(0.01)
-        self.env = dict(os.environ, CFSD_ADDRESS=f"unix:{self.sock}")
-
-    def run(self, repo: Path, *args: str) -> str:
-        p = subprocess.run([sys.executable, "-m", "cfsctl", "--repo", str(repo), *args],
-                           env=self.env, cwd=str(ROOT), capture_output=True, check=False)
-        if p.returncode:
-            raise RuntimeError(f"cfsctl {' '.join(args)}: {p.stderr.decode()}")
-        return p.stdout.decode()
-
-    def timed(self, repo: Path, *args: str) -> tuple[float, str]:
-        os.sync()
-        t = time.perf_counter()
-        out = self.run(repo, *args)
-        return time.perf_counter() - t, out
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait()
 
 
 def tree_size(p: Path) -> tuple[int, int]:

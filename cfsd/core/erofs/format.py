@@ -7,6 +7,17 @@ import struct
 
 import xxhash
 
+from cfsd.core.tree import (  # noqa: F401 - re-exported for the erofs modules
+    S_IFBLK,
+    S_IFCHR,
+    S_IFDIR,
+    S_IFIFO,
+    S_IFLNK,
+    S_IFMT,
+    S_IFREG,
+    S_IFSOCK,
+)
+
 __all__ = [
     "BLOCK_BITS", "BLOCK_SIZE", "COMPOSEFS_MAGIC", "ErofsError", "EROFS_MAGIC",
     "XATTR_PREFIXES", "chunk_bits", "chunk_count", "metacopy_value", "object_pathname",
@@ -52,14 +63,6 @@ FT_FIFO = 5
 FT_SOCK = 6
 FT_LNK = 7
 
-S_IFMT = 0o170000
-S_IFSOCK = 0o140000
-S_IFLNK = 0o120000
-S_IFREG = 0o100000
-S_IFBLK = 0o060000
-S_IFDIR = 0o040000
-S_IFCHR = 0o020000
-S_IFIFO = 0o010000
 
 FT_TO_IFMT = {FT_REG: S_IFREG, FT_DIR: S_IFDIR, FT_CHR: S_IFCHR, FT_BLK: S_IFBLK,
               FT_FIFO: S_IFIFO, FT_SOCK: S_IFSOCK, FT_LNK: S_IFLNK}
