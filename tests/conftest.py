@@ -12,6 +12,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import varlink
@@ -110,6 +111,15 @@ def run_cfsctl(*args: str, address: str | None = None, input: bytes | None = Non
         raise AssertionError(f"cfsctl {' '.join(args)} failed ({p.returncode}): "
                              f"{p.stderr.decode(errors='replace')}")
     return p
+
+
+def repo_snapshot(repo: str) -> dict[str, Any]:
+    """Every stream name -> its object, every EROFS image, and the tags of a repository."""
+    def links(d: Path) -> dict[str, str]:
+        return {p.name: os.readlink(p) for p in d.iterdir() if p.is_symlink()} if d.is_dir() \
+            else {}
+    return {"streams": links(Path(repo, "streams")), "images": links(Path(repo, "images")),
+            "tags": sorted(links(Path(repo, "streams/refs/oci")))}
 
 
 def tree_listing(root: Path) -> dict[str, tuple[int, int, str]]:

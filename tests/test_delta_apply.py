@@ -25,7 +25,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tests.conftest import Daemon, run_cfsctl, tree_listing
+from tests.conftest import Daemon, repo_snapshot, run_cfsctl, tree_listing
 from tests.deltatools import (
     GZIP_LAYER,
     HEADER_V1,
@@ -49,7 +49,7 @@ from tests.deltatools import (
     write_archive,
 )
 from tests.ocitools import Registry, require_tools, sh
-from tests.varlink_raw import Raw
+from tests.varlink_raw import Raw, stream_frames
 
 MiB = 1 << 20
 OCI = "org.composefs.Oci."
@@ -164,30 +164,10 @@ def old_repo(daemon: Daemon, world: World, path: Path) -> str:
     return repo
 
 
-def snapshot(repo: str) -> dict[str, Any]:
-    """Every stream name -> its object, every EROFS image, and the tags."""
-    def links(d: Path) -> dict[str, str]:
-        return {p.name: os.readlink(p) for p in d.iterdir() if p.is_symlink()} if d.is_dir() \
-            else {}
-    return {"streams": links(Path(repo, "streams")), "images": links(Path(repo, "images")),
-            "tags": sorted(links(Path(repo, "streams/refs/oci")))}
-
-
 def raw_call(daemon: Daemon, repo: str, method: str, **params: Any) -> list[dict[str, Any]]:
-    c = Raw(daemon.sock, timeout=300)
-    h = c.call("org.composefs.Repository.OpenRepository", {"path": repo})["parameters"]["handle"]
     if method == "Pull":
         params = {"local_fetch": "disabled", "bootable": False, **params}
-    c.send(OCI + method, {"handle": h, **params}, more=True)
-    frames = []
-    while True:
-        f = c.recv()
-        assert f is not None, "connection dropped"
-        frames.append(f)
-        if not f.get("continues"):
-            break
-    c.close()
-    return frames
+    return stream_frames(daemon.sock, repo, OCI + method, params)
 
 
 def messages(frames: list[dict[str, Any]]) -> list[str]:
@@ -232,8 +212,8 @@ def test_apply_equals_direct_pull(shared_daemon: Daemon, world: World, registry:
     assert f"manifest {world.new.digest}" in out
     assert f"config   {world.new.config_digest}" in out
     assert "Looking up source image..." in p.stderr.decode()
-    expected = snapshot(world.reference)
-    assert snapshot(repo) == expected
+    expected = repo_snapshot(world.reference)
+    assert repo_snapshot(repo) == expected
     ref_inspect = json.loads(cfs(shared_daemon, world.reference, "oci", "inspect", "new").stdout)
     got_inspect = json.loads(cfs(shared_daemon, repo, "oci", "inspect", "new").stdout)
     assert got_inspect["composefs_erofs"] == ref_inspect["composefs_erofs"]
@@ -249,7 +229,7 @@ def test_apply_equals_direct_pull(shared_daemon: Daemon, world: World, registry:
                       **{"image" if via == "pull" else "delta": ref, "name": "new"},
                       **({"tls_verify": False} if medium == "docker" else {}))
     assert "Target image already present." in messages(frames)
-    assert snapshot(repo) == expected
+    assert repo_snapshot(repo) == expected
 
 
 def test_apply_delta_cli_and_from(shared_daemon: Daemon, world: World, tmp_path: Path) -> None:
@@ -267,7 +247,7 @@ def test_apply_delta_cli_and_from(shared_daemon: Daemon, world: World, tmp_path:
     cfs(shared_daemon, repo, "oci", "tag", f"@{world.new.digest}", "other")
     frames = raw_call(shared_daemon, repo, "ApplyDelta", delta=ref, source="other")
     assert frames[-1]["error"] == OCI + "DeltaNotApplicable", frames[-1]
-    assert snapshot(repo)["streams"] == snapshot(world.reference)["streams"]
+    assert repo_snapshot(repo)["streams"] == repo_snapshot(world.reference)["streams"]
 
 
 def test_not_a_delta(shared_daemon: Daemon, world: World, tmp_path: Path) -> None:
@@ -301,7 +281,7 @@ def test_roles_not_positions(shared_daemon: Daemon, world: World, tmp_path: Path
     c.close()
     assert r is not None and set(r["parameters"]) == {"completed"} and "continues" not in r, r
     assert r["parameters"]["completed"]["manifest_digest"] == world.new.digest
-    assert snapshot(repo) == snapshot(world.reference)
+    assert repo_snapshot(repo) == repo_snapshot(world.reference)
 
 
 def test_source_resolution_rules(tmp_path: Path) -> None:
@@ -385,7 +365,8 @@ def test_signatures(shared_daemon: Daemon, world: World, tmp_path: Path) -> None
     assert inspect["referrers"] == [sig_digest]
     listing = json.loads(cfs(shared_daemon, repo, "oci", "images", "--json").stdout)
     assert [i["referrer_count"] for i in listing["images"] if i["name"] == "new"] == [1]
-    assert snapshot(repo)["streams"].items() >= snapshot(world.reference)["streams"].items()
+    ref_streams = repo_snapshot(world.reference)["streams"]
+    assert repo_snapshot(repo)["streams"].items() >= ref_streams.items()
     assert_fsck_ok(shared_daemon, repo)
 
 

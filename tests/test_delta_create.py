@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import zstandard
 
-from tests.conftest import Daemon, run_cfsctl
+from tests.conftest import Daemon, repo_snapshot, run_cfsctl
 from tests.deltaspec import (
     TAR_DIFF,
     Applied,
@@ -39,7 +39,7 @@ from tests.deltaspec import (
 )
 from tests.deltatools import OCI_CONFIG, OCI_MANIFEST, D, Entry, F, Layout, go_json, make_tar
 from tests.otheruser import NOBODY, as_nobody, other_user_marks
-from tests.varlink_raw import Raw
+from tests.varlink_raw import stream_frames
 
 OCI = "org.composefs.Oci."
 LAYER = "application/vnd.oci.image.layer.v1.tar"
@@ -203,28 +203,8 @@ def deltas(pair: Pair) -> dict[str, Path]:
     return out
 
 
-def snapshot(repo: str) -> dict[str, Any]:
-    """Every stream name -> its object, every EROFS image, and the tags."""
-    def links(d: Path) -> dict[str, str]:
-        return {p.name: os.readlink(p) for p in d.iterdir() if p.is_symlink()} if d.is_dir() \
-            else {}
-    return {"streams": links(Path(repo, "streams")), "images": links(Path(repo, "images")),
-            "tags": sorted(links(Path(repo, "streams/refs/oci")))}
-
-
 def raw_call(daemon: Daemon, repo: str, method: str, **params: Any) -> list[dict[str, Any]]:
-    c = Raw(daemon.sock, timeout=300)
-    h = c.call("org.composefs.Repository.OpenRepository", {"path": repo})["parameters"]["handle"]
-    c.send(OCI + method, {"handle": h, **params}, more=True)
-    frames = []
-    while True:
-        f = c.recv()
-        assert f is not None, "connection dropped"
-        frames.append(f)
-        if not f.get("continues"):
-            break
-    c.close()
-    return frames
+    return stream_frames(daemon.sock, repo, OCI + method, params)
 
 
 # ------------------------------------------------------------------------------ round trip
@@ -239,7 +219,7 @@ def test_round_trip_equals_direct_pull(pair: Pair, deltas: dict[str, Path], tmp_
         "oci", "pull", ref, "new"]
     out = pair.cfs(repo, *cmd).stdout.decode()
     assert f"manifest {pair.new.digest}" in out
-    assert snapshot(repo) == snapshot(pair.both)
+    assert repo_snapshot(repo) == repo_snapshot(pair.both)
     got = json.loads(pair.cfs(repo, "oci", "inspect", "new").stdout)
     want = json.loads(pair.cfs(pair.both, "oci", "inspect", "new").stdout)
     assert got["composefs_erofs"] and got["composefs_erofs"] == want["composefs_erofs"]
@@ -250,10 +230,10 @@ def test_round_trip_equals_direct_pull(pair: Pair, deltas: dict[str, Path], tmp_
 
 def test_apply_in_the_creating_repository_is_a_no_op(pair: Pair,
                                                      deltas: dict[str, Path]) -> None:
-    before = snapshot(pair.both)
+    before = repo_snapshot(pair.both)
     p = pair.cfs(pair.both, "oci", "apply-delta", f"oci-archive:{deltas['v1']}", "new")
     assert "Target image already present." in p.stderr.decode()
-    assert snapshot(pair.both) == before
+    assert repo_snapshot(pair.both) == before
 
 
 def test_layer_decisions(pair: Pair, deltas: dict[str, Path], tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from tests.ocitools import (
     require_tools,
     retag,
 )
-from tests.varlink_raw import Raw
+from tests.varlink_raw import Raw, stream_frames
 
 
 @pytest.fixture(scope="module")
@@ -102,19 +102,9 @@ CASES = {
 
 
 def raw_pull(daemon: Daemon, repo: str, image: str, **extra: Any) -> list[dict[str, Any]]:
-    c = Raw(daemon.sock, timeout=120)
-    h = c.call("org.composefs.Repository.OpenRepository", {"path": repo})["parameters"]["handle"]
-    c.send("org.composefs.Oci.Pull", {"handle": h, "image": image, "local_fetch": "disabled",
-                                       "bootable": False, **extra}, more=True)
-    frames = []
-    while True:
-        f = c.recv()
-        assert f is not None, "connection dropped"
-        frames.append(f)
-        if not f.get("continues"):
-            break
-    c.close()
-    return frames
+    return stream_frames(daemon.sock, repo, "org.composefs.Oci.Pull",
+                         {"image": image, "local_fetch": "disabled", "bootable": False, **extra},
+                         timeout=120)
 
 
 def assert_clean(daemon: Daemon, repo: str) -> None:

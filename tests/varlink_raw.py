@@ -47,3 +47,21 @@ class Raw:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def stream_frames(sock: str, repo: str, method: str, params: dict[str, Any],
+                  timeout: float = 300) -> list[dict[str, Any]]:
+    """Open *repo*, call the streaming *method* (fully qualified) with "more" and collect
+    every frame up to the last one (an error reply is the last frame)."""
+    c = Raw(sock, timeout=timeout)
+    h = c.call("org.composefs.Repository.OpenRepository", {"path": repo})["parameters"]["handle"]
+    c.send(method, {"handle": h, **params}, more=True)
+    frames = []
+    while True:
+        f = c.recv()
+        assert f is not None, "connection dropped"
+        frames.append(f)
+        if not f.get("continues"):
+            break
+    c.close()
+    return frames
