@@ -129,39 +129,38 @@ def escape_optional(data: bytes) -> bytes:
 def write_dumpfile(fs: FileSystem) -> bytes:
     """Serialize ``fs`` like composefs-rs ``write_dumpfile`` (pre-order DFS, name order)."""
     with paused_gc():
-        return _write_dumpfile(fs)
+        return dump_directory(b"/", fs.root, fs.nlinks())
 
 
-def _write_dumpfile(fs: FileSystem) -> bytes:
-    nlinks = fs.nlinks()
+def dump_directory(path: bytes, d: Directory, nlinks: dict[Leaf, int]) -> bytes:
+    """Dumpfile lines of directory *d* (at *path*) and everything below it, pre-order in
+    name order; the second and later names of a hardlinked leaf are ``@`` lines."""
     first: dict[Leaf, bytes] = {}
     out: list[bytes] = []
     append = out.append
     iters: list[tuple[bytes, Iterator[tuple[bytes, Directory | Leaf]]]] = []
-    path: bytes = b"/"
-    d: Directory | None = fs.root
+    cur: Directory | None = d
     while True:
-        if d is not None:
-            ents = d.sorted_entries()
+        if cur is not None:
+            ents = cur.sorted_entries()
             nsub = sum(1 for _, c in ents if type(c) is Directory)
-            append(_line(path, d.stat, S_IFDIR, 0, 2 + nsub, 0, b"", b"", None))
-            iters.append((b"" if path == b"/" else path, iter(ents)))
-            d = None
+            append(_line(path, cur.stat, S_IFDIR, 0, 2 + nsub, 0, b"", b"", None))
+            iters.append((path.rstrip(b"/"), iter(ents)))
+            cur = None
         if not iters:
             break
         prefix, it = iters[-1]
         for name, child in it:
             cpath = prefix + b"/" + name
             if type(child) is Directory:
-                path, d = cpath, child
+                path, cur = cpath, child
                 break
             leaf: Leaf = child  # type: ignore[assignment]
             n = nlinks[leaf]
             if n > 1:
                 target = first.get(leaf)
                 if target is not None:
-                    append(escape_optional(cpath) + b" 0 @120000 - - - - 0.0 "
-                           + escape_optional(target) + b" - -\n")
+                    append(hardlink_line(cpath, target))
                     continue
                 first[leaf] = cpath
             append(_leaf_line(cpath, leaf, n))

@@ -14,11 +14,10 @@ import contextlib
 import errno
 import os
 import stat
-from collections.abc import Iterator
 from typing import Any
 
 from cfsd.core import fsverity
-from cfsd.core.dumpfile import directory_line, escape_optional, leaf_line, write_dumpfile
+from cfsd.core.dumpfile import dump_directory, leaf_line, write_dumpfile
 from cfsd.core.erofs import erofs_to_filesystem, validate_filesystem, write_image
 from cfsd.core.errors import NotFound
 from cfsd.core.fsread import RepositoryStore, ScanError, ScanOptions, read_filesystem
@@ -345,7 +344,7 @@ def dump_files(fs: FileSystem, files: list[str], backing_path_only: bool) -> lis
         if type(node) is Directory:
             if backing_path_only:
                 raise _spec(f"{path} is a directory")
-            out.extend(_dump_subtree(bpath, node, nlinks))
+            out.extend(dump_directory(bpath, node, nlinks).decode().splitlines())
             continue
         leaf: Leaf = node  # type: ignore[assignment]
         if backing_path_only:
@@ -357,39 +356,3 @@ def dump_files(fs: FileSystem, files: list[str], backing_path_only: bool) -> lis
             continue
         out.append(leaf_line(bpath, leaf.stat, leaf.content, nlinks[leaf]).decode().rstrip("\n"))
     return out
-
-
-def _dump_subtree(path: bytes, d: Directory, nlinks: dict[Leaf, int]) -> list[str]:
-    """``dump_single_dir``: pre-order DFS of *d* in name order, paths below *path*."""
-    out: list[bytes] = []
-    first: dict[Leaf, bytes] = {}
-    stack: list[tuple[bytes, Iterator[tuple[bytes, Directory | Leaf]]]] = []
-    cur: Directory | None = d
-    p = path
-    while True:
-        if cur is not None:
-            ents = cur.sorted_entries()
-            nsub = sum(1 for _, c in ents if type(c) is Directory)
-            out.append(directory_line(p, cur.stat, 2 + nsub))
-            stack.append((p.rstrip(b"/"), iter(ents)))
-            cur = None
-        if not stack:
-            break
-        prefix, it = stack[-1]
-        for name, child in it:
-            cp = prefix + b"/" + name
-            if type(child) is Directory:
-                p, cur = cp, child
-                break
-            leaf: Leaf = child  # type: ignore[assignment]
-            n = nlinks[leaf]
-            if n > 1:
-                if leaf in first:
-                    out.append(escape_optional(cp) + b" 0 @120000 - - - - 0.0 "
-                               + escape_optional(first[leaf]) + b" - -\n")
-                    continue
-                first[leaf] = cp
-            out.append(leaf_line(cp, leaf.stat, leaf.content, n))
-        else:
-            stack.pop()
-    return [line.decode().rstrip("\n") for line in out]
