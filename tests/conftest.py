@@ -27,6 +27,23 @@ def conformance_dir() -> Path | None:
     return p if p.is_dir() else None
 
 
+CONFORMANCE = Path(os.environ.get("CFSD_CONFORMANCE") or ROOT.parent / "shared" / "conformance")
+needs_conformance = pytest.mark.skipif(not CONFORMANCE.is_dir(),
+                                       reason=f"conformance data not found at {CONFORMANCE}")
+FSCK_EROFS = shutil.which("fsck.erofs")
+
+
+def fsck_erofs(image: bytes) -> None:
+    """Run fsck.erofs on an image (no-op when erofs-utils is missing)."""
+    if FSCK_EROFS is None:
+        return
+    with tempfile.NamedTemporaryFile(suffix=".img") as f:
+        f.write(image)
+        f.flush()
+        r = subprocess.run([FSCK_EROFS, f.name], capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")[-2000:]
+
+
 @pytest.fixture(scope="session")
 def conformance() -> Path:
     p = conformance_dir()

@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -49,13 +44,10 @@ from cfsd.core.tree import (
     apply_layer_entry,
     transform_for_oci,
 )
+from tests.conftest import CONFORMANCE, fsck_erofs, needs_conformance
 
-CONFORMANCE = Path(os.environ.get("CFSD_CONFORMANCE")
-                   or Path(__file__).resolve().parents[2] / "shared" / "conformance")
 ASSETS = CONFORMANCE / "assets"
 DERIVED = CONFORMANCE / "derived"
-needs_conformance = pytest.mark.skipif(not ASSETS.is_dir(),
-                                       reason=f"conformance data not found at {CONFORMANCE}")
 NON_STRICT = {"no-newline.dump", "longlink.dump", "honggfuzz-longlink-unterminated.dump"}
 
 F3 = bytes.fromhex("5372beb83c78537c8970c8361e3254119fafdf1763854ecd57d3f0fe2da7c719")
@@ -624,18 +616,6 @@ def test_fsck_and_compact():
 
 # --------------------------------------------------------------------------- C composefs-info dump
 
-FSCK = shutil.which("fsck.erofs")
-
-
-def fsck_erofs(image: bytes) -> None:
-    """Run fsck.erofs on an image (no-op when the tool is missing; see test_erofs.py)."""
-    if FSCK is None:
-        return
-    with tempfile.NamedTemporaryFile(suffix=".img") as f:
-        f.write(image)
-        f.flush()
-        r = subprocess.run([FSCK, f.name], capture_output=True, timeout=60)
-    assert r.returncode == 0, r.stderr.decode(errors="replace")[-2000:]
 
 
 def sha256(b: bytes) -> str:

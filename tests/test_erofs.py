@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 import struct
-import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -45,26 +40,11 @@ from cfsd.core.tree import (
     Stat,
     Symlink,
 )
+from tests.conftest import CONFORMANCE, FSCK_EROFS, fsck_erofs, needs_conformance
 
-CONFORMANCE = Path(os.environ.get("CFSD_CONFORMANCE")
-                   or Path(__file__).resolve().parents[2] / "shared" / "conformance")
 ASSETS = CONFORMANCE / "assets"
 DERIVED = CONFORMANCE / "derived"
-needs_conformance = pytest.mark.skipif(not ASSETS.is_dir(),
-                                       reason=f"conformance data not found at {CONFORMANCE}")
-FSCK = shutil.which("fsck.erofs")
 NON_STRICT = {"no-newline.dump", "longlink.dump", "honggfuzz-longlink-unterminated.dump"}
-
-
-def fsck_erofs(image: bytes) -> None:
-    """Run fsck.erofs on an image (no-op when the tool is missing)."""
-    if FSCK is None:
-        return
-    with tempfile.NamedTemporaryFile(suffix=".img") as f:
-        f.write(image)
-        f.flush()
-        r = subprocess.run([FSCK, f.name], capture_output=True, timeout=60)
-    assert r.returncode == 0, r.stderr.decode(errors="replace")[-2000:]
 
 
 def sha256(b: bytes) -> str:
@@ -763,7 +743,7 @@ def test_v2_reader_limits():
 
 
 @needs_conformance
-@pytest.mark.skipif(FSCK is None, reason="fsck.erofs is not installed")
+@pytest.mark.skipif(FSCK_EROFS is None, reason="fsck.erofs is not installed")
 @pytest.mark.parametrize("row", ASSET_GOLDEN, ids=lambda r: r[0])
 def test_fsck_erofs_accepts_asset_images(row):
     fs = load_asset(row[0])
@@ -773,7 +753,7 @@ def test_fsck_erofs_accepts_asset_images(row):
         fsck_erofs(write_image(fs, v))
 
 
-@pytest.mark.skipif(FSCK is None, reason="fsck.erofs is not installed")
+@pytest.mark.skipif(FSCK_EROFS is None, reason="fsck.erofs is not installed")
 def test_fsck_erofs_is_available_and_rejects_garbage():
     img = bytearray(write_image(rs_tree("simple"), 1))
     img[1024:1028] = b"\0\0\0\0"
