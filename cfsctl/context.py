@@ -31,6 +31,18 @@ def repo_path(args: argparse.Namespace) -> str:
     return os.path.join(home, ".var/lib/composefs")
 
 
+def open_repository_dir(path: str) -> int:
+    """The repository directory, opened by cfsctl with the user's own permissions."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise CommandError(f"repository {path} does not exist") from None
+    except PermissionError:
+        raise CommandError(f"permission denied: {path}") from None
+    except OSError as e:
+        raise CommandError(f"cannot open repository {path}: {e.strerror}") from None
+
+
 class Context:
     """Lazily connects to cfsd and opens the selected repository."""
 
@@ -63,10 +75,16 @@ class Context:
         """Handle of the selected repository (opened on first use)."""
         if self._handle is None:
             a = self.args
-            reply = self.call("org.composefs.Repository.OpenRepository", path=repo_path(a),
-                              insecure=a.insecure or None,
-                              require_verity=a.require_verity or None,
-                              no_upgrade=a.no_upgrade or None)
+            path = repo_path(a)
+            client = self.client          # connect first: a missing daemon is reported first
+            fd = open_repository_dir(path)
+            try:
+                reply = client.call("org.composefs.Repository.OpenRepository", {
+                    "path": path, "path_fd": 0, "insecure": a.insecure or None,
+                    "require_verity": a.require_verity or None,
+                    "no_upgrade": a.no_upgrade or None}, fds=[fd])
+            finally:
+                os.close(fd)
             self._handle = reply["handle"]
             self.hash_algorithm = reply.get("hash_algorithm")
             if a.hash and self.hash_algorithm and a.hash != self.hash_algorithm:

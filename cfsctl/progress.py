@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from typing import Any, TextIO
 
 
@@ -97,12 +98,12 @@ class ProgressView:
 
 
 def stream_with_progress(client: Any, method: str, params: dict[str, Any], final: str,
-                         quiet: bool) -> dict[str, Any] | None:
-    """Call a streaming method, show its event frames, return its *final* field."""
+                         quiet: bool, fds: Sequence[int] = ()) -> dict[str, Any] | None:
+    """Call a streaming method (passing *fds*), show its event frames, return *final*."""
     view = ProgressView(quiet=quiet)
     result = None
     try:
-        for frame, _ in client.stream(method, params, more=True):
+        for frame, _ in client.stream(method, params, fds=fds, more=True):
             if frame.get(final) is not None:
                 result = frame[final]
             else:

@@ -161,6 +161,7 @@ def world() -> Iterator[Path]:
     shutil.copytree(ROOT / "cfsctl", lib / "cfsctl")
     shutil.copytree(Path(varlink.__file__).parent, lib / "varlink")
     shutil.copytree(ROOT / "interfaces", d / "interfaces")
+    shutil.copy(ROOT / "tests" / "varlink_calls.py", lib / "varlink_calls.py")
     for p in [d, *d.rglob("*")]:
         p.chmod(0o755 if p.is_dir() else 0o644)
     yield d

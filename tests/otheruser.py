@@ -21,12 +21,21 @@ other_user_marks = [
 ]
 
 
-def as_nobody(world: Path, daemon: Daemon, *args: str, input: bytes | None = None
+def as_nobody(world: Path, daemon: Daemon, *args: str, input: bytes | None = None,
+              cwd: str | Path = "/", groups: tuple[int, ...] = (), uid: int = NOBODY,
               ) -> subprocess.CompletedProcess[bytes]:
+    """The real cfsctl run as *uid* (nobody by default) with exactly *groups*."""
+    return run_as(world, daemon, ["-m", "cfsctl", *args], input=input, cwd=cwd,
+                  groups=groups, uid=uid)
+
+
+def run_as(world: Path, daemon: Daemon, pyargs: list[str], *, input: bytes | None = None,
+           cwd: str | Path = "/", groups: tuple[int, ...] = (), uid: int = NOBODY,
+           ) -> subprocess.CompletedProcess[bytes]:
+    """The system python with *pyargs*, as *uid* with exactly *groups* (no others)."""
     env = {"PYTHONPATH": str(world / "lib"), "CFSD_INTERFACES": str(world / "interfaces"),
            "CFSD_ADDRESS": daemon.address, "HOME": "/nonexistent", "PATH": "/usr/bin:/bin"}
-    return subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}",
-                           "--clear-groups", SYSTEM_PY, "-m", "cfsctl", *args],
-                          input=input, capture_output=True, env=env, cwd="/", timeout=120)
-
-
+    group_args = [f"--groups={','.join(map(str, groups))}"] if groups else ["--clear-groups"]
+    return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", *group_args,
+                           SYSTEM_PY, *pyargs],
+                          input=input, capture_output=True, env=env, cwd=str(cwd), timeout=300)

@@ -213,7 +213,7 @@ CASES: dict[str, tuple[Callable[[dict[str, str]], dict | None], str | None]] = {
                                     out_fd=True),
                           "org.composefs.Repository.InvalidSpec"),
     "corrupt-splitstream": (corrupt_stream_cat, "org.composefs.Repository.InvalidData"),
-    "init-relative-path": (call_case(R + "InitRepository", {"path": "relative/repo"}),
+    "init-empty-path": (call_case(R + "InitRepository", {"path": ""}),
                            "org.composefs.Repository.InvalidSpec"),
     "unknown-handle": (call_case(R + "Fsck", {"handle": 424242}),
                        "org.composefs.Repository.InvalidHandle"),

@@ -448,7 +448,7 @@ def _dir_listing(d: Path) -> list[str]:
     ({"new": "@sha256:" + "0" * 64}, "NoSuchImage"),
     ({"format": "v3"}, "InvalidRequest"),
     ({"concurrency": 0}, "InvalidRequest"),
-    ({"output": "relative.tar"}, "InvalidRequest"),
+    ({"output": ""}, "InvalidRequest"),
     ({"output": "/nonexistent-dir/x.tar"}, "InvalidRequest"),
     ({"output": "DIR"}, "InvalidRequest"),
     ({"output": "DIR/"}, "InvalidRequest"),

@@ -8,6 +8,7 @@ import os
 import random
 import socket
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -179,31 +180,48 @@ def test_xattrs(sample: Path) -> None:
             b"user.one": b"1"}
 
 
-def test_access_policy_denies(sample: Path) -> None:
-    target = os.stat(sample / "sub" / "large")
+@root_only
+def test_scan_as_another_identity_is_decided_by_the_kernel(sample: Path) -> None:
+    """A thread switched to nobody's identity reads only what nobody may read; the thread
+    gets its own credentials back and other threads never lose theirs."""
+    from cfsd.service.identity import Identity, acting_as, current
+    nobody = Identity(65534, 65534, ())
+    for p in [sample, *sample.rglob("*")]:
+        if not p.is_symlink():
+            p.chmod(0o755 if p.is_dir() else 0o644)
+    (sample / "sub" / "large").chmod(0o600)
+    before = current()
+    seen: list[object] = []
 
-    def deny_large(st: os.stat_result, want: int) -> bool:
-        return (st.st_dev, st.st_ino) != (target.st_dev, target.st_ino)
+    def scan_fd() -> FileSystem:      # the root is opened by root: the test dir is 0700
+        fd = os.open(sample, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            with acting_as(nobody):
+                return read_filesystem(fd, "sha512", ScanOptions())
+        finally:
+            os.close(fd)
 
+    with acting_as(nobody):
+        t = threading.Thread(target=lambda: seen.append(current()))
+        t.start()
+        t.join()
     with pytest.raises(ScanError) as e:
-        scan(sample, access=deny_large)
+        scan_fd()
     assert e.value.errno == errno.EACCES and e.value.path == "sub/large"
     assert str(e.value) == "error accessing sub/large: Permission denied"
-
-    sub = os.stat(sample / "sub")
-
-    def deny_listing(st: os.stat_result, want: int) -> bool:
-        return st.st_ino != sub.st_ino
-
+    assert seen == [nobody]                  # threads started inside inherit it
+    assert current() == before
+    scan(sample)                             # and root reads it again
+    (sample / "sub").chmod(0o700)
     with pytest.raises(ScanError) as e:
-        scan(sample, access=deny_listing)
+        scan_fd()
     assert e.value.path == "sub"
 
 
 def test_repository_store_is_staged(tmp_path: Path, sample: Path) -> None:
     repo, _ = Repository.init(str(tmp_path / "repo"), insecure=True)
     with repo:
-        repo.objects_fd  # noqa: B018 - objects/ itself is created lazily
+        repo.writable_objects_fd  # noqa: B018 - objects/ itself is created lazily
         before = tree_listing(tmp_path / "repo")
         staging = repo.staging()
         store = RepositoryStore(repo, staging)

@@ -4,10 +4,10 @@ the repository, or write one from two images of the repository."""
 from __future__ import annotations
 
 import argparse
-import os
 
 from cfsctl.context import CommandError, Context
 from cfsctl.output import print_completed, print_json
+from cfsctl.paths import Passed
 from cfsctl.progress import human, stream_with_progress
 
 OCI = "org.composefs.Oci."
@@ -41,11 +41,13 @@ def cmd_apply_delta(ctx: Context, a: argparse.Namespace) -> int:
     """Apply a delta (oci:, oci-archive: or docker://) and tag the resulting image."""
     params = {"handle": ctx.handle, "delta": a.delta, "name": a.name, "source": a.source,
               "tls_verify": a.tls_verify, "credentials": a.creds,
-              "auth_file": os.path.abspath(a.authfile) if a.authfile else None,
               "concurrency": a.concurrency,
               "verify_key": read_key(a.verify_key) if a.verify_key else None}
-    completed = stream_with_progress(ctx.client, OCI + "ApplyDelta", params, "completed",
-                                     a.quiet or ctx.args.json)
+    with Passed() as passed:
+        passed.transport_path(a.delta, params, "delta_fd")
+        passed.auth_file(a.delta, a.authfile, a.creds, params)
+        completed = stream_with_progress(ctx.client, OCI + "ApplyDelta", params, "completed",
+                                         a.quiet or ctx.args.json, passed.fds)
     if completed is None:
         raise CommandError("apply-delta finished without a result")
     print_completed(completed, a.name or a.delta, ctx.args.json)
@@ -56,11 +58,12 @@ def cmd_create_delta(ctx: Context, a: argparse.Namespace) -> int:
     """Write the delta OLD -> NEW as an oci-archive (the daemon writes it as the caller)."""
     if a.concurrency is not None and not 1 <= a.concurrency <= 64:
         raise CommandError("--concurrency must be between 1 and 64")
-    output = os.path.abspath(a.output)
-    params = {"handle": ctx.handle, "old": a.old, "new": a.new, "output": output,
+    params = {"handle": ctx.handle, "old": a.old, "new": a.new, "output": a.output,
               "format": a.format, "concurrency": a.concurrency, "ref_name": a.ref_name}
-    created = stream_with_progress(ctx.client, OCI + "CreateDelta", params, "created",
-                                   a.quiet or ctx.args.json)
+    with Passed() as passed:
+        params["output_dir_fd"] = passed.parent(a.output, what=a.output)
+        created = stream_with_progress(ctx.client, OCI + "CreateDelta", params, "created",
+                                       a.quiet or ctx.args.json, passed.fds)
     if created is None:
         raise CommandError("create-delta finished without a result")
     if ctx.args.json:
@@ -71,7 +74,7 @@ def cmd_create_delta(ctx: Context, a: argparse.Namespace) -> int:
     blobs = {x["diff_id"]: x["size"] for x in changed}
     changed_bytes = sum(x["layer_size"] for x in changed)
     print(f"delta    {created['delta_digest']}")
-    print(f"written  {output} ({human(created['size'])}, tar-diff {created['format']})")
+    print(f"written  {a.output} ({human(created['size'])}, tar-diff {created['format']})")
     print(f"source   {created['source']}")
     print(f"target   {created['target']}")
     for x in layers:

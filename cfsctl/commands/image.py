@@ -7,6 +7,7 @@ images) are written by the daemon into file descriptors passed with the request.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -16,6 +17,7 @@ from typing import Any
 from cfsctl.client import CallError, ConnectError, open_client
 from cfsctl.context import CommandError, Context, repo_path
 from cfsctl.output import print_json
+from cfsctl.paths import Passed
 
 R = "org.composefs.Repository."
 _INT = re.compile(r"[ \t\n\r\f\v]*[+-]?[0-9]+")
@@ -39,11 +41,25 @@ def _repository(ctx: Context) -> str | None:
         return None
 
 
+def _pass_repository(ctx: Context, passed: Passed, params: dict[str, Any]) -> None:
+    """Pass the repository whose meta.json chooses the hash, when there is one."""
+    path = _repository(ctx)
+    if path is None or ctx.args.hash:
+        return
+    with contextlib.suppress(OSError):
+        params["repository_fd"] = passed.add(
+            os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), own=True)
+        params["repository"] = path
+
+
 def cmd_create_image(ctx: Context, a: argparse.Namespace) -> int:
     """Scan a directory, store its objects and commit its EROFS image(s)."""
-    reply = ctx.call(R + "CreateImage", handle=ctx.handle, path=os.path.abspath(a.path),
-                     name=a.image_name, erofs_version=ctx.args.erofs_version,
-                     options=_fs_options(a))
+    with Passed() as passed:
+        index = passed.directory(a.path, what="directory")
+        reply = ctx.client.call(R + "CreateImage", {
+            "handle": ctx.handle, "path": a.path, "path_fd": index, "name": a.image_name,
+            "erofs_version": ctx.args.erofs_version, "options": _fs_options(a)},
+            fds=passed.fds)
     if ctx.args.json:
         print_json(reply)
     else:
@@ -53,9 +69,12 @@ def cmd_create_image(ctx: Context, a: argparse.Namespace) -> int:
 
 def cmd_compute_id(ctx: Context, a: argparse.Namespace) -> int:
     """The image id of a directory (hex), storing nothing."""
-    reply = ctx.call(R + "ComputeId", path=os.path.abspath(a.path),
-                     repository=_repository(ctx), algorithm=ctx.args.hash,
-                     erofs_version=ctx.args.erofs_version, options=_fs_options(a))
+    with Passed() as passed:
+        params = {"path": a.path, "path_fd": passed.directory(a.path, what="directory"),
+                  "algorithm": ctx.args.hash, "erofs_version": ctx.args.erofs_version,
+                  "options": _fs_options(a)}
+        _pass_repository(ctx, passed, params)
+        reply = ctx.client.call(R + "ComputeId", params, fds=passed.fds)
     if ctx.args.json:
         print_json(reply)
     else:
@@ -66,9 +85,11 @@ def cmd_compute_id(ctx: Context, a: argparse.Namespace) -> int:
 def cmd_create_dumpfile(ctx: Context, a: argparse.Namespace) -> int:
     """A directory as a dumpfile on stdout."""
     sys.stdout.flush()
-    ctx.client.call(R + "CreateDumpfile", {
-        "path": os.path.abspath(a.path), "repository": _repository(ctx),
-        "algorithm": ctx.args.hash, "options": _fs_options(a)}, fds=[1])
+    with Passed([1]) as passed:
+        params = {"path": a.path, "path_fd": passed.directory(a.path, what="directory"),
+                  "algorithm": ctx.args.hash, "options": _fs_options(a), "output_fd": 0}
+        _pass_repository(ctx, passed, params)
+        ctx.client.call(R + "CreateDumpfile", params, fds=passed.fds)
     return 0
 
 
@@ -342,20 +363,29 @@ def _mkcomposefs(argv: Sequence[str], address: str | None) -> int:
             fds.append(fd)
             params["strict"] = "CFS_PARSE_STRICT" in os.environ or None
         else:
-            params["source"] = os.path.abspath(source)
-            if o.get("digest-store") is not None:
-                params["digest_store"] = os.path.abspath(o["digest-store"])
+            params["source"] = source
+            try:
+                fd = os.open(source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as e:
+                raise _MkExit(f"error accessing {source}: {e.strerror}") from None
+            own.append(fd)
+            params["source_fd"] = len(fds)
+            fds.append(fd)
+            store = o.get("digest-store")
+            if store is not None:
+                try:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(store, 0o755)
+                    fd = os.open(store, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                except OSError as e:
+                    raise _MkExit(f"cannot fill store: {store}: {e.strerror}") from None
+                own.append(fd)
+                params["digest_store"] = store
+                params["digest_store_fd"] = len(fds)
+                fds.append(fd)
         params = {k: v for k, v in params.items() if v is not None}
         with open_client(address) as client:
-            try:
-                reply = client.call(R + "Mkcomposefs", params, fds=fds)
-            except CallError as e:
-                msg = e.parameters.get("message")
-                if isinstance(msg, str) and "source" in params and msg.startswith(
-                        f"error accessing {params['source']}"):
-                    # the daemon saw the absolute path; C names the path as given
-                    e.parameters["message"] = msg.replace(params["source"], source, 1)
-                raise
+            reply = client.call(R + "Mkcomposefs", params, fds=fds)
     finally:
         for fd in own:
             os.close(fd)

@@ -11,6 +11,7 @@ from cfsctl.client import CallError
 from cfsctl.commands import delta
 from cfsctl.context import CommandError, Context, UsageError
 from cfsctl.output import fsck_text, print_completed, print_json, table
+from cfsctl.paths import Passed
 from cfsctl.progress import stream_with_progress
 
 OCI = "org.composefs.Oci."
@@ -46,10 +47,12 @@ def cmd_pull(ctx: Context, a: argparse.Namespace) -> int:
               "local_fetch": a.local_fetch, "bootable": a.bootable,
               "expected_digest": a.expected_digest, "platform": a.platform,
               "tls_verify": a.tls_verify, "credentials": a.creds,
-              "auth_file": os.path.abspath(a.authfile) if a.authfile else None,
               "concurrency": a.concurrency}
-    completed = stream_with_progress(ctx.client, OCI + "Pull", params, "completed",
-                                     a.quiet or ctx.args.json)
+    with Passed() as passed:
+        passed.transport_path(a.image, params, "image_fd")
+        passed.auth_file(a.image, a.authfile, a.creds, params)
+        completed = stream_with_progress(ctx.client, OCI + "Pull", params, "completed",
+                                         a.quiet or ctx.args.json, passed.fds)
     if completed is None:
         raise CommandError("pull finished without a result")
     print_completed(completed, a.name or a.image, ctx.args.json)
@@ -184,8 +187,11 @@ def cmd_mount(ctx: Context, a: argparse.Namespace) -> int:
 
 def cmd_checkout(ctx: Context, a: argparse.Namespace) -> int:
     """Write an image's files into a directory."""
-    reply = ctx.call(OCI + "Checkout", handle=ctx.handle, image=a.image,
-                     directory=os.path.abspath(a.directory))
+    with Passed() as passed:
+        index = passed.directory(a.directory, create=True, what="checkout directory")
+        reply = ctx.client.call(OCI + "Checkout", {
+            "handle": ctx.handle, "image": a.image, "directory": a.directory,
+            "directory_fd": index}, fds=passed.fds)
     for s in reply["skipped"]:
         print(f"skipped {s}", file=sys.stderr)
     print(f"Checked out {reply['entries']} entries to {a.directory}")

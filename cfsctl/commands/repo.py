@@ -9,6 +9,7 @@ import sys
 from cfsctl.client import CallError
 from cfsctl.context import CommandError, Context, repo_path
 from cfsctl.output import fsck_text, gc_text, print_json, table
+from cfsctl.paths import Passed
 
 R = "org.composefs.Repository."
 
@@ -17,9 +18,19 @@ def cmd_init(ctx: Context, a: argparse.Namespace) -> int:
     """Create (or verify) a repository."""
     path = os.path.abspath(a.path) if a.path else repo_path(ctx.args)
     version = a.erofs_version if a.erofs_version is not None else ctx.args.erofs_version
+    with Passed() as passed:
+        index = passed.directory(path, create=True, mode=0o700, what="repository")
+        if a.ensure:
+            status = ctx.client.call(R + "EnsureRepository", {
+                "path": path, "path_fd": index, "algorithm": a.algorithm,
+                "insecure": a.insecure or ctx.args.insecure or None}, fds=passed.fds)["status"]
+        else:
+            reply = ctx.client.call(R + "InitRepository", {
+                "path": path, "path_fd": index, "algorithm": a.algorithm,
+                "insecure": a.insecure or ctx.args.insecure or None,
+                "erofs_version": version, "reset_metadata": a.reset_metadata or None},
+                fds=passed.fds)
     if a.ensure:
-        status = ctx.call(R + "EnsureRepository", path=path, algorithm=a.algorithm,
-                          insecure=a.insecure or ctx.args.insecure or None)["status"]
         if status == "Opened":
             print(f"Repository already initialized at {path} (existing configuration preserved)")
         elif status == "Upgraded":
@@ -27,9 +38,6 @@ def cmd_init(ctx: Context, a: argparse.Namespace) -> int:
         else:
             print(f"Initialized composefs repository at {path}")
         return 0
-    reply = ctx.call(R + "InitRepository", path=path, algorithm=a.algorithm,
-                     insecure=a.insecure or ctx.args.insecure or None, erofs_version=version,
-                     reset_metadata=a.reset_metadata or None)
     if not reply["created"]:
         print(f"Repository already initialized at {path}")
         return 0

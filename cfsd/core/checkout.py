@@ -3,7 +3,9 @@
 Every entry is created below a directory fd with the *at syscalls and O_NOFOLLOW, so nothing
 is written outside the target.  Files are copied from repository objects (reflink where the
 filesystem can, else copy_file_range), hardlinks are recreated as hardlinks, metadata is
-applied after content (directories last, so their mtimes stick).  Without privileges,
+applied after content.  Directories stay owner-writable until everything is written and get
+their own metadata last, deepest first, so their mtimes stick and a mode-0000 directory still
+receives its entries (and hardlinks into it) without privileges.  Without privileges,
 ownership is left to the caller and device nodes, sockets and xattrs the kernel refuses are
 skipped and reported.
 """
@@ -14,6 +16,7 @@ import errno
 import fcntl
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cfsd.core import tree
@@ -47,12 +50,14 @@ def _copy(src: int, dst: int, size: int) -> None:
 
 
 class _Writer:
-    def __init__(self, repo: Repository, root_fd: int, privileged: bool) -> None:
-        self.repo = repo
+    def __init__(self, open_object: Callable[[bytes], int], root_fd: int,
+                 privileged: bool) -> None:
+        self.open_object = open_object
         self.root_fd = root_fd
         self.privileged = privileged
         self.result = CheckoutResult()
         self.first: dict[int, bytes] = {}   # id(leaf) -> first path written (relative)
+        self.dirs: list[tuple[bytes, tree.Stat]] = []   # directories, parents first
 
     def skip(self, path: bytes, why: str) -> None:
         self.result.skipped.append(f"{path.decode(errors='replace')}: {why}")
@@ -96,7 +101,7 @@ class _Writer:
                 elif t is tree.Sparse:
                     os.ftruncate(fd, c.size)  # type: ignore[union-attr]
                 else:
-                    src = self.repo.open_object(c.id)  # type: ignore[union-attr]
+                    src = self.open_object(c.id)  # type: ignore[union-attr]
                     try:
                         _copy(src, fd, c.size)  # type: ignore[union-attr]
                     finally:
@@ -125,25 +130,47 @@ class _Writer:
             cpath = path + b"/" + name
             if isinstance(child, tree.Directory):
                 os.mkdir(name, 0o700, dir_fd=dfd)
+                self.dirs.append((cpath.lstrip(b"/"), child.stat))
                 sub = os.open(name, DIR_FLAGS, dir_fd=dfd)
                 try:
                     self.directory(sub, child, cpath)
                 finally:
                     os.close(sub)
-                self.meta(dfd, name, cpath, child.stat, stat.S_IFDIR)
                 self.result.entries += 1
             else:
                 self.leaf(dfd, name, cpath, child)
 
 
-def checkout(repo: Repository, fs: tree.FileSystem, dir_fd: int, *,
-             privileged: bool) -> CheckoutResult:
-    """Write *fs* into the empty directory *dir_fd*; its own metadata becomes the root's."""
+def _open_beneath(root_fd: int, rel: bytes) -> int:
+    """The directory *rel* below *root_fd*, one component at a time, following no symlink."""
+    fd = os.dup(root_fd)
+    for part in (p for p in rel.split(b"/") if p):
+        try:
+            nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
+        finally:
+            os.close(fd)
+        fd = nfd
+    return fd
+
+
+def checkout(repo: Repository, fs: tree.FileSystem, dir_fd: int, *, privileged: bool,
+             open_object: Callable[[bytes], int] | None = None) -> CheckoutResult:
+    """Write *fs* into the empty directory *dir_fd*; its own metadata becomes the root's.
+
+    *open_object* opens a repository object for reading (default: ``repo.open_object``).
+    """
     if os.listdir(dir_fd):
         raise RepositoryError("checkout target directory is not empty")
-    w = _Writer(repo, dir_fd, privileged)
+    w = _Writer(open_object or repo.open_object, dir_fd, privileged)
     try:
         w.directory(dir_fd, fs.root, b"")
+        for path, st in reversed(w.dirs):     # children before their parents
+            parent, _, name = path.rpartition(b"/")
+            pfd = _open_beneath(dir_fd, parent)
+            try:
+                w.meta(pfd, name, b"/" + path, st, stat.S_IFDIR)
+            finally:
+                os.close(pfd)
         w.meta(dir_fd, b".", b"/", fs.root.stat, stat.S_IFDIR)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -20,6 +20,8 @@ import struct
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 BLOCK_SIZE = 4096
@@ -266,13 +268,17 @@ class _Workers:
 _pool: _Workers | None = None
 _pool_lock = threading.Lock()
 _pool_broken = False
+# Entered around starting workers: a root daemon sets it to its own identity so a worker is
+# never started with (and never inherits) the credentials of the caller a thread works for.
+spawn_context: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
 
 
 def _get_pool() -> _Workers:
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = _Workers(max(2, os.cpu_count() or 2))
+            with spawn_context():
+                _pool = _Workers(max(2, os.cpu_count() or 2))
             atexit.register(shutdown_pool)
         return _pool
 

@@ -195,8 +195,11 @@ def write_meta(fd: int, meta: RepoMetadata, *, verity: bool) -> None:
 
 
 
-def upgrade_legacy(fd: int, path: str) -> tuple[RepoMetadata, bool]:
-    """Write meta.json for a pre-meta.json repository (algorithm inferred from objects)."""
+def upgrade_legacy(fd: int, path: str, *, write: bool = True) -> tuple[RepoMetadata, bool]:
+    """Write meta.json for a pre-meta.json repository (algorithm inferred from objects).
+
+    With ``write=False`` (a reader) nothing is written: the inferred metadata is returned.
+    """
     ofd = os.open("objects", DIR_FLAGS, dir_fd=fd)
     try:
         for sub in sorted(os.listdir(ofd)):
@@ -219,6 +222,8 @@ def upgrade_legacy(fd: int, path: str) -> tuple[RepoMetadata, bool]:
                         finally:
                             os.close(of)
                         meta = RepoMetadata.new(alg, 1)
+                        if not write:
+                            return meta, had
                         ensure_writable(fd, path)
                         with contextlib.suppress(FileExistsError):
                             write_meta(fd, meta, verity=had)

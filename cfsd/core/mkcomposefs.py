@@ -160,7 +160,6 @@ def _copy(src: int, dst: int, size: int, digest: bytes) -> None:
 
 def from_directory(root_fd: int, opts: MkcomposefsOptions, *, source: str = ".",
                    store: DigestStore | None = None,
-                   access: Callable[[os.stat_result, int], bool] | None = None,
                    hide_trusted_xattrs: bool = False) -> FileSystem:
     """Scan a directory the way C ``lcfs_build`` + ``compute_digest`` (+ ``fill_store``) do.
 
@@ -172,7 +171,6 @@ def from_directory(root_fd: int, opts: MkcomposefsOptions, *, source: str = ".",
                        xattrs="none" if opts.skip_xattrs else "user" if opts.user_xattrs
                        else "all",
                        use_epoch=opts.use_epoch, skip_devices=opts.skip_devices,
-                       access=access,
                        hide_trusted_xattrs=hide_trusted_xattrs)
     try:
         fs = read_filesystem(root_fd, fsverity.SHA256, scan, store)

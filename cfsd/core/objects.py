@@ -62,7 +62,7 @@ class ObjectWriter:
         self._named: str | None = None
         try:
             self.fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o644,
-                              dir_fd=repo.objects_fd)
+                              dir_fd=repo.writable_objects_fd)
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.ENOENT):
                 raise
@@ -73,7 +73,7 @@ class ObjectWriter:
             name = ".tmp-object-" + secrets.token_hex(6)
             try:
                 fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC
-                             | os.O_NOFOLLOW, 0o644, dir_fd=self.repo.objects_fd)
+                             | os.O_NOFOLLOW, 0o644, dir_fd=self.repo.writable_objects_fd)
                 self._named = name
                 return fd
             except FileExistsError:
@@ -146,7 +146,7 @@ class ObjectWriter:
         """Give the temporary file *name* in directory *dfd*; False if the name exists."""
         try:
             if self._named is not None:
-                os.link(self._named, name, src_dir_fd=self.repo.objects_fd, dst_dir_fd=dfd,
+                os.link(self._named, name, src_dir_fd=self.repo.writable_objects_fd, dst_dir_fd=dfd,
                         follow_symlinks=False)
             else:
                 os.link(f"/proc/self/fd/{self.fd}", name, dst_dir_fd=dfd, follow_symlinks=True)
@@ -161,7 +161,7 @@ class ObjectWriter:
             self.fd = -1
         if self._named is not None:
             with contextlib.suppress(OSError):
-                os.unlink(self._named, dir_fd=self.repo.objects_fd)
+                os.unlink(self._named, dir_fd=self.repo.writable_objects_fd)
             self._named = None
 
 
@@ -188,14 +188,14 @@ class Staging:
         for _ in range(16):
             name = STAGING_PREFIX + secrets.token_hex(8)
             try:
-                os.mkdir(name, 0o700, dir_fd=repo.objects_fd)
+                os.mkdir(name, 0o700, dir_fd=repo.writable_objects_fd)
                 self.name = name
                 break
             except FileExistsError:
                 continue
         else:
             raise RepositoryError("cannot create a staging directory")
-        self.fd = os.open(self.name, DIR_FLAGS, dir_fd=repo.objects_fd)
+        self.fd = os.open(self.name, DIR_FLAGS, dir_fd=repo.writable_objects_fd)
 
     def object_writer(self) -> ObjectWriter:
         """A writer whose object lands in this staging area."""
@@ -243,7 +243,7 @@ class Staging:
         os.close(self.fd)
         self.fd = -1
         with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(self.name, dir_fd=self.repo.objects_fd)
+            shutil.rmtree(self.name, dir_fd=self.repo.writable_objects_fd)
 
     def __enter__(self) -> Staging:
         return self

@@ -14,6 +14,7 @@ import errno
 import os
 import secrets
 import stat
+import tempfile
 import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -46,6 +47,20 @@ if TYPE_CHECKING:
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+_absent: int | None = None
+
+
+def _absent_dir() -> int:
+    """An fd of an empty, already removed directory: nothing can be found or created in it."""
+    global _absent
+    if _absent is None:
+        path = tempfile.mkdtemp(prefix="cfsd-absent-")
+        fd = os.open(path, DIR_FLAGS)
+        os.rmdir(path)
+        _absent = fd
+    return _absent
 
 
 def syncfs(fd: int) -> None:
@@ -111,22 +126,27 @@ class Repository:
 
     @classmethod
     def open_at(cls, dir_fd: int, path: str = "", *, insecure: bool = False,
-                require_verity: bool = False, upgrade: bool = True) -> Repository:
-        """Open the repository whose directory is *dir_fd* (the fd is duplicated)."""
+                require_verity: bool = False, upgrade: bool = True,
+                legacy_read: bool = False) -> Repository:
+        """Open the repository whose directory is *dir_fd* (the fd is duplicated).
+
+        A repository without meta.json is upgraded (meta.json written) with *upgrade*; with
+        *legacy_read* instead it is opened as it is, its metadata inferred, nothing written.
+        """
         fd = os.dup(dir_fd)
         try:
             os.set_inheritable(fd, False)
             flock_shared(fd)
             meta, secure = read_meta(fd)
             if meta is None:
-                if not upgrade:
+                if not upgrade and not legacy_read:
                     raise RepoNotFound(
                         f"meta.json not found in {path or 'repository'}; this repository must "
                         "be initialized with 'cfsctl init'")
                 if not exists(fd, "objects"):
                     raise RepoNotFound(f"{path or 'path'} is not a composefs repository "
                                        "(no meta.json)")
-                meta, secure = upgrade_legacy(fd, path)
+                meta, secure = upgrade_legacy(fd, path, write=upgrade)
             if insecure:
                 secure = False
             if require_verity and not secure:
@@ -234,7 +254,21 @@ class Repository:
 
     @property
     def objects_fd(self) -> int:
-        """fd of ``objects/`` (created lazily)."""
+        """fd of ``objects/`` for reading: an empty stand-in while it does not exist.
+
+        Readers never create it; writers use :attr:`writable_objects_fd`.
+        """
+        with self._init_lock:
+            if self._objects_fd is None:
+                try:
+                    self._objects_fd = os.open("objects", DIR_FLAGS, dir_fd=self.fd)
+                except FileNotFoundError:
+                    return _absent_dir()
+            return self._objects_fd
+
+    @property
+    def writable_objects_fd(self) -> int:
+        """fd of ``objects/``, created when missing (writers only)."""
         with self._init_lock:
             if self._objects_fd is None:
                 with contextlib.suppress(FileExistsError):
@@ -267,8 +301,8 @@ class Repository:
     def object_dir(self, xx: str) -> int:
         """fd of ``objects/XX`` (created 0755 if missing, never a symlink)."""
         with contextlib.suppress(FileExistsError):
-            os.mkdir(xx, 0o755, dir_fd=self.objects_fd)
-        return os.open(xx, DIR_FLAGS, dir_fd=self.objects_fd)
+            os.mkdir(xx, 0o755, dir_fd=self.writable_objects_fd)
+        return os.open(xx, DIR_FLAGS, dir_fd=self.writable_objects_fd)
 
     def open_object(self, digest: bytes, *, verify: bool | None = None) -> int:
         """Open ``objects/XX/rest`` read-only; in secure mode the measured verity must match."""

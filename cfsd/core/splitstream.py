@@ -110,7 +110,7 @@ class SplitStreamWriter:
         self.store: ObjectStore = store if store is not None else repo
         self.content_type = content_type
         self.stream_size = 0
-        self._tmpdir = f"/proc/self/fd/{repo.objects_fd}"
+        self._tmpdir = f"/proc/self/fd/{repo.writable_objects_fd}"
         self._inline = _Spool(self._tmpdir)
         self._compressed = _Spool(self._tmpdir)
         self._cctx = zstandard.ZstdCompressor(level=3).compressobj()

@@ -234,7 +234,7 @@ def temp_file(repo: Repository) -> int:
     """An anonymous read-write file in ``objects/`` (gone when closed, even after a crash)."""
     try:
         return os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600,
-                       dir_fd=repo.objects_fd)
+                       dir_fd=repo.writable_objects_fd)
     except OSError as e:
         if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.ENOENT):
             raise
@@ -242,10 +242,10 @@ def temp_file(repo: Repository) -> int:
         name = ".tmp-delta-" + secrets.token_hex(6)
         try:
             fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW,
-                         0o600, dir_fd=repo.objects_fd)
+                         0o600, dir_fd=repo.writable_objects_fd)
         except FileExistsError:
             continue
-        os.unlink(name, dir_fd=repo.objects_fd)
+        os.unlink(name, dir_fd=repo.writable_objects_fd)
         return fd
     raise OSError(errno.EEXIST, "cannot create a temporary file for the delta blob")
 

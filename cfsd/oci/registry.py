@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import ssl
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -27,6 +28,17 @@ from cfsd.oci.reference import DOCKER_HUB, ImageReference
 RETRIES = 4
 CHUNK = 1 << 16
 TIMEOUT = httpx.Timeout(30.0, connect=10.0)
+_tls: ssl.SSLContext | None = None
+_tls_lock = threading.Lock()
+
+
+def tls_context() -> ssl.SSLContext:
+    """The verifying TLS context (CA bundle loaded once, by the daemon itself)."""
+    global _tls
+    with _tls_lock:
+        if _tls is None:
+            _tls = httpx.create_ssl_context()
+        return _tls
 _TRANSIENT = {408, 425, 429, 500, 502, 503, 504}
 _CHALLENGE = re.compile(r'(\w+)="([^"]*)"')
 
@@ -99,7 +111,8 @@ class RegistryClient:
         self._token: tuple[str, float] | None = None
         self._basic = False
         self._lock = threading.Lock()
-        self.client = httpx.Client(verify=tls_verify, timeout=TIMEOUT, follow_redirects=False)
+        self.client = httpx.Client(verify=tls_context() if tls_verify else False,
+                                   timeout=TIMEOUT, follow_redirects=False)
         self.base = f"https://{registry}"
         if not tls_verify:
             self.base = self._probe_scheme()

@@ -10,6 +10,7 @@ permissions; the default opener uses the process's own permissions.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import tarfile
@@ -34,15 +35,21 @@ class BlobReader(Protocol):
 
 
 class PathOpener(Protocol):
-    """Opens local paths on behalf of a caller."""
+    """Opens local paths on behalf of a caller (and reads beneath them as the caller)."""
 
     def open_dir(self, path: str) -> int: ...
 
     def open_file(self, path: str) -> int: ...
 
+    def reading(self) -> contextlib.AbstractContextManager[None]: ...
+
 
 class DefaultOpener:
-    """Opens paths with the daemon's own permissions."""
+    """Opens paths with the process's own permissions."""
+
+    def reading(self) -> contextlib.AbstractContextManager[None]:
+        """Nothing to switch: the process reads as itself."""
+        return contextlib.nullcontext()
 
     def open_dir(self, path: str) -> int:
         """An O_DIRECTORY fd for *path*."""
@@ -139,31 +146,45 @@ class _FileStore:
         return RangeReader(fd, offset, length, on_close)
 
 
+def _open_error(e: OSError, what: str) -> Exception:
+    """What the caller gets when the path it named cannot be opened."""
+    if e.errno == errno.ENOENT:
+        return NotFound(f"{what} does not exist")
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return PermissionError(e.errno, f"{what}: {e.strerror}")
+    return SourceError(f"{what}: {e.strerror}")
+
+
 class LayoutSource(_FileStore):
     """An OCI image layout directory (``oci:DIR``)."""
 
     def __init__(self, ref: ImageReference, opener: PathOpener) -> None:
         super().__init__(ref)
         self.description = f"oci:{ref.path}"
+        self.opener = opener
         try:
-            self.dfd = opener.open_dir(os.path.abspath(ref.path))
-        except FileNotFoundError:
-            raise NotFound(f"OCI layout {ref.path} does not exist") from None
-        except NotADirectoryError:
-            raise SourceError(f"{ref.path} is not a directory") from None
+            self.dfd = opener.open_dir(ref.path)
+        except OSError as e:
+            raise _open_error(e, f"OCI layout {ref.path}") from None
 
     def _open(self, name: str) -> tuple[int, int, int, Callable[[], None] | None]:
-        fd = self.dfd
         parts = name.split("/")
         opened: list[int] = []
         try:
-            for p in parts[:-1]:
-                fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                             dir_fd=fd)
-                opened.append(fd)
-            ffd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            with self.opener.reading():
+                fd = self.dfd
+                for p in parts[:-1]:
+                    fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                 dir_fd=fd)
+                    opened.append(fd)
+                # O_NONBLOCK: a FIFO planted in a layout is refused below, never waited on
+                ffd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+                              | os.O_NONBLOCK | os.O_NOCTTY, dir_fd=fd)
         except FileNotFoundError:
             raise NotFound(f"{name} missing in {self.description}") from None
+        except PermissionError as e:
+            raise PermissionError(e.errno, f"cannot open {name} in {self.description}: "
+                                           f"{e.strerror}") from None
         except OSError as e:
             raise SourceError(f"cannot open {name} in {self.description}: {e.strerror}") from None
         finally:
@@ -173,6 +194,7 @@ class LayoutSource(_FileStore):
         if not stat.S_ISREG(st.st_mode):
             os.close(ffd)
             raise SourceError(f"{name} in {self.description} is not a regular file")
+        os.set_blocking(ffd, True)
         return ffd, 0, st.st_size, lambda: os.close(ffd)
 
     def _read_file(self, name: str, limit: int) -> bytes:
@@ -197,9 +219,9 @@ class ArchiveSource(_FileStore):
         super().__init__(ref)
         self.description = f"oci-archive:{ref.path}"
         try:
-            self.fd = opener.open_file(os.path.abspath(ref.path))
-        except FileNotFoundError:
-            raise NotFound(f"archive {ref.path} does not exist") from None
+            self.fd = opener.open_file(ref.path)
+        except OSError as e:
+            raise _open_error(e, f"archive {ref.path}") from None
         if not stat.S_ISREG(os.fstat(self.fd).st_mode):
             os.close(self.fd)
             raise SourceError(f"{ref.path} is not a regular file")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import ctypes
 import itertools
 import json
 import logging
@@ -67,15 +68,30 @@ class PeerCreds:
         """SO_PEERCRED (+ SO_PEERGROUPS) of a connected Unix socket."""
         raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         pid, uid, gid = struct.unpack("3i", raw)
-        groups: tuple[int, ...] = ()
-        with contextlib.suppress(OSError):
-            graw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 1024)
-            groups = tuple(array.array("I", graw[:len(graw) // 4 * 4]))
-        return cls(pid, uid, gid, groups)
+        return cls(pid, uid, gid, _peer_groups(sock))
 
     def in_group(self, gid: int) -> bool:
         """True if *gid* is the primary or a supplementary group."""
         return gid == self.gid or gid in self.groups
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+NGROUPS_MAX = 65536
+
+
+def _peer_groups(sock: socket.socket) -> tuple[int, ...]:
+    """SO_PEERGROUPS: the supplementary groups of the peer when it connected.
+
+    Read with libc directly: Python's getsockopt caps the buffer at 1024 bytes (256 groups)
+    and fails beyond.  Without the option (old kernels) the caller gets no groups, which can
+    only deny, never grant.
+    """
+    buf = (ctypes.c_uint32 * NGROUPS_MAX)()
+    size = ctypes.c_uint32(ctypes.sizeof(buf))
+    if _libc.getsockopt(sock.fileno(), socket.SOL_SOCKET, SO_PEERGROUPS, buf,
+                        ctypes.byref(size)) != 0:
+        return ()
+    return tuple(buf[:size.value // 4])
 
 
 _conn_ids = itertools.count(1)

@@ -75,7 +75,7 @@ class DeltaMethods:
                              tls_verify=opts.tls_verify, credentials=opts.credentials,
                              auth_configs=opts.auth_configs, opener=opts.opener,
                              cancel=opts.cancel,
-                             worker_context=lambda: auth.fs_identity(repo.fd))
+                             worker_context=lambda: auth.as_owner(repo.fd, call.creds))
         with _transport_errors():
             result = yield from apply_delta(repo, artifact.source, artifact.manifest,
                                             artifact.digest, aopts)
@@ -85,7 +85,8 @@ class DeltaMethods:
                    source: str | None = None, name: str | None = None,
                    tls_verify: bool | None = None, credentials: str | None = None,
                    auth_file: str | None = None, concurrency: int | None = None,
-                   verify_key: str | None = None) -> Frames:
+                   verify_key: str | None = None, delta_fd: int | None = None,
+                   auth_file_fd: int | None = None) -> Frames:
         """Apply an oci-delta artifact to an image of this repository (streaming like Pull)."""
         from cfsd.service.oci_api import caller_auth_configs
         if concurrency is not None and not 1 <= concurrency <= 64:
@@ -97,21 +98,21 @@ class DeltaMethods:
             creds = Credentials.parse(credentials) if credentials else None
         with self.state.use(call, handle, OCI) as h:
             require_writer(call, h, "apply deltas")
-            configs = [] if credentials else caller_auth_configs(call.creds, auth_file)
+            configs = [] if credentials else caller_auth_configs(call, auth_file, auth_file_fd)
             repo = h.repo
             opts = ApplyOptions(tag=delta if name is None else name, source_image=source,
                                 verify_key=verify_key, concurrency=concurrency,
                                 tls_verify=True if tls_verify is None else tls_verify,
                                 credentials=creds, auth_configs=configs,
-                                opener=auth.CallerOpener(call.creds),
-                                worker_context=lambda: auth.fs_identity(repo.fd))
-            with repo.lock.shared(), auth.fs_identity(repo.fd), _transport_errors():
+                                opener=auth.CallerOpener(call, delta_fd),
+                                worker_context=lambda: auth.as_owner(repo.fd, call.creds))
+            with repo.lock.shared(), auth.as_owner(repo.fd, call.creds), _transport_errors():
                 result = yield from apply_delta_reference(repo, delta, opts)
             return completed(result)
 
     def CreateDelta(self, call: Call, handle: int, old: str, new: str,  # noqa: N802
                     output: str, format: str | None = None, concurrency: int | None = None,
-                    ref_name: str | None = None) -> Frames:
+                    ref_name: str | None = None, output_dir_fd: int | None = None) -> Frames:
         """Write the oci-delta artifact from image *old* to image *new* to *output*."""
         version = {None: 1, "v1": 1, "v2": 2}.get(format)
         if version is None:
@@ -120,7 +121,8 @@ class DeltaMethods:
             raise _err("InvalidRequest", message="concurrency must be between 1 and 64")
         if ref_name is not None and (not ref_name or "\0" in ref_name):
             raise _err("InvalidRequest", message="invalid ref_name")
-        parent, name = _output_path(output)
+        if not output or "\0" in output or output.endswith("/"):
+            raise _err("InvalidRequest", message=f"output must name a file: {output!r}")
         with self.state.use(call, handle, OCI) as h:
             repo = h.repo
             with repo.lock.shared():
@@ -129,10 +131,10 @@ class DeltaMethods:
                         oci_image.resolve(repo, ref)
                     except NotFound:
                         raise _err("NoSuchImage", image=ref) from None
-                dir_fd = _open_output_dir(call, parent, name)
+                dir_fd, name = _open_output_dir(call, output, output_dir_fd)
                 try:
                     def identity() -> contextlib.AbstractContextManager[None]:
-                        return auth.caller_identity(call.creds)
+                        return auth.as_caller(call.creds)
 
                     def open_output() -> OutputFile:
                         return OutputFile(dir_fd, name, identity)
@@ -159,16 +161,6 @@ def created(result: CreateResult) -> dict[str, Any]:
                         "size": r.size, "layer_size": r.layer_size} for r in result.layers]}
 
 
-def _output_path(output: str) -> tuple[str, str]:
-    """(parent directory, file name) of an absolute output path."""
-    if not output.startswith("/") or "\0" in output:
-        raise _err("InvalidRequest", message=f"output must be an absolute path: {output!r}")
-    parent, _, name = output.rstrip("/").rpartition("/")
-    if not name or name in (".", "..") or output.endswith("/"):
-        raise _err("InvalidRequest", message=f"output must name a file: {output!r}")
-    return parent or "/", name
-
-
 def _output_error(output: str, e: OSError) -> VarlinkError:
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return _err("PermissionDenied", message=f"cannot write {output}: {e.strerror}")
@@ -180,21 +172,21 @@ def _output_error(output: str, e: OSError) -> VarlinkError:
     return _err("InternalError", message=f"cannot write {output}: {e.strerror or e}")
 
 
-def _open_output_dir(call: Call, parent: str, name: str) -> int:
-    """The output's directory, opened with the caller's permissions (write and search)."""
-    output = f"{parent.rstrip('/')}/{name}"
+def _open_output_dir(call: Call, output: str, index: int | None) -> tuple[int, str]:
+    """The output's directory, opened by the caller, and the file name in it."""
     try:
-        fd = auth.open_dir(parent, call.creds, want=auth.W | auth.X)
+        fd, name = auth.CallerFiles(call).parent(output, index, what="output")
     except OSError as e:
         raise _output_error(output, e) from None
     try:
-        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        with auth.as_caller(call.creds):
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
     except FileNotFoundError:
-        return fd
+        return fd, name
     except OSError as e:
         os.close(fd)
         raise _output_error(output, e) from None
     if stat.S_ISDIR(st.st_mode):
         os.close(fd)
         raise _err("InvalidRequest", message=f"cannot write {output}: it is a directory")
-    return fd
+    return fd, name

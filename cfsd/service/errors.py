@@ -22,7 +22,7 @@ from cfsd.delta.artifact import DeltaNotApplicable
 from cfsd.delta.signature import SignatureInvalid
 from cfsd.oci.digest import InvalidDigest
 from cfsd.oci.layers import DiffIdMismatch
-from cfsd.service.auth import PermissionDenied
+from cfsd.service.auth import CallerPathError, PermissionDenied
 from cfsd.service.binding import VarlinkError
 
 REPOSITORY = "org.composefs.Repository"
@@ -43,6 +43,15 @@ def map_error(iface: str, e: Exception) -> VarlinkError | None:
         if e.errno in (errno.EIO, errno.ENOMEM, errno.ENOSPC, errno.EDQUOT, errno.EMFILE):
             return err("InternalError", message=str(e))
         return err("InvalidSpec" if iface == REPOSITORY else "InvalidRequest", message=str(e))
+    if isinstance(e, CallerPathError):
+        # a path the caller named, opened by the caller: the kernel's answer
+        if e.errno in (errno.EACCES, errno.EPERM):
+            return err("PermissionDenied", message=str(e))
+        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EINVAL, errno.ENAMETOOLONG,
+                       errno.ELOOP, errno.EISDIR, errno.EEXIST, errno.EBADF, errno.ENOTEMPTY):
+            return err("InvalidSpec" if iface == REPOSITORY else "InvalidRequest",
+                       message=str(e))
+        return err("InternalError", message=str(e))
     if isinstance(e, DumpfileError | ErofsError):
         return err("InvalidData", message=str(e))
     if isinstance(e, PermissionDenied | PermissionError):

@@ -1,9 +1,9 @@
 """org.composefs.Repository image methods: composefs images from directories and dumpfiles.
 
-Every path a caller names is resolved with the caller's permissions (``auth.open_dir``) and,
-for callers whose permissions the kernel does not enforce on the daemon (a root daemon and an
-unprivileged caller), every directory listed and every file read during the scan is checked
-against the caller too; ``trusted.*`` xattrs, which such a caller cannot see, are left out.
+Every path a caller names is opened by the caller (a passed fd, or the opener helper with the
+caller's identity) and the tree beneath it is scanned with the caller's identity, so the
+kernel decides what may be read; ``trusted.*`` xattrs, which an unprivileged caller cannot
+see, are left out.
 Outputs go to file descriptors the caller passes with the request.  The repository only
 changes when everything worked: objects are staged and published together with the images.
 """
@@ -55,22 +55,9 @@ def _spec(message: str) -> VarlinkError:
     return VarlinkError(f"{REPOSITORY}.InvalidSpec", {"message": message})
 
 
-def _absolute(path: str, what: str) -> str:
-    if not path.startswith("/"):
-        raise _spec(f"{what} must be an absolute path: {path!r}")
-    return path
-
-
-def _trusted(creds: PeerCreds) -> bool:
-    return creds.uid == 0 or creds.uid == os.geteuid()
-
-
-def scan_access(creds: PeerCreds) -> dict[str, Any]:
-    """ScanOptions fields that make a scan see only what the caller could see."""
-    if _trusted(creds):
-        return {"access": None, "hide_trusted_xattrs": False}
-    return {"access": lambda st, want: auth.may(st, creds, want),
-            "hide_trusted_xattrs": True}
+def hide_trusted(creds: PeerCreds) -> bool:
+    """``trusted.*`` xattrs are visible to privileged callers only."""
+    return creds.uid != 0
 
 
 def _fs_options(options: dict[str, Any] | None) -> tuple[bool, str]:
@@ -94,10 +81,10 @@ def _version(v: int | None, default: int) -> int:
     return v
 
 
-def open_source(call: Call, path: str) -> int:
-    """The directory *path* opened with the caller's permissions (ScanError otherwise)."""
+def open_source(call: Call, path: str, fd: int | None) -> int:
+    """The directory the caller named (or passed), opened by the caller (ScanError)."""
     try:
-        return auth.open_dir(_absolute(path, "path"), call.creds)
+        return auth.CallerFiles(call).directory(path, fd, what="path")
     except auth.PermissionDenied:
         raise ScanError(errno.EACCES, path) from None
     except OSError as e:
@@ -124,10 +111,11 @@ class ImageMethods:
 
     # ---------------------------------------------------------------- helpers
 
-    def _open_tree(self, call: Call, path: str, options: dict | None) -> int:
+    def _open_tree(self, call: Call, path: str, options: dict | None,
+                   path_fd: int | None) -> int:
         """The root of the tree, opened as the caller (checked for /usr if transformed)."""
         transform, _ = _fs_options(options)
-        fd = open_source(call, path)
+        fd = open_source(call, path, path_fd)
         if transform and not _has_usr(fd):
             os.close(fd)
             raise _spec(f"{path}: /usr must exist and be a directory for the OCI transform "
@@ -135,13 +123,14 @@ class ImageMethods:
         return fd
 
     def _scan(self, call: Call, path: str, alg: fsverity.Algorithm, options: dict | None,
-              store: RepositoryStore | None = None, fd: int | None = None) -> FileSystem:
-        """Read the tree at *path* (or the already opened *fd*, which is closed)."""
+              fd: int, store: RepositoryStore | None = None) -> FileSystem:
+        """Read the tree opened as *fd* (closed here) with the caller's identity."""
         transform, mode = _fs_options(options)
-        if fd is None:
-            fd = self._open_tree(call, path, options)
         try:
-            fs = read_filesystem(fd, alg, ScanOptions(**scan_access(call.creds)), store)
+            with auth.as_caller(call.creds):
+                fs = read_filesystem(fd, alg,
+                                     ScanOptions(hide_trusted_xattrs=hide_trusted(call.creds)),
+                                     store)
         except ScanError as e:
             raise ScanError(e.errno, f"{path.rstrip('/')}/{e.path}" if e.path else path,
                             e.strerror) from None
@@ -154,16 +143,17 @@ class ImageMethods:
                 raise _spec(f"{path}: cannot apply the OCI transform: {e}") from None
         return fs
 
-    def _algorithm(self, call: Call, repository: str | None,
-                   algorithm: str | None) -> fsverity.Algorithm:
+    def _algorithm(self, call: Call, repository: str | None, algorithm: str | None,
+                   repository_fd: int | None) -> fsverity.Algorithm:
         if algorithm is not None:
             try:
                 return fsverity.algorithm(algorithm)
             except ValueError as e:
                 raise _spec(str(e)) from None
-        if repository is not None:
+        if repository is not None or repository_fd is not None:
             with contextlib.suppress(Exception):
-                fd = auth.open_dir(_absolute(repository, "repository"), call.creds)
+                fd = auth.CallerFiles(call).directory(repository, repository_fd,
+                                                      what="repository")
                 try:
                     meta, _ = read_meta(fd)
                 finally:
@@ -176,7 +166,8 @@ class ImageMethods:
 
     def CreateImage(self, call: Call, handle: int, path: str,  # noqa: N802
                     name: str | None = None, erofs_version: int | None = None,
-                    options: dict[str, Any] | None = None) -> dict[str, Any]:
+                    options: dict[str, Any] | None = None,
+                    path_fd: int | None = None) -> dict[str, Any]:
         """Scan a directory, store its objects and commit its EROFS image(s)."""
         _fs_options(options)
         if name is not None:
@@ -190,8 +181,8 @@ class ImageMethods:
             repo.ensure_writable()
             versions = ([_version(erofs_version, 1)] if erofs_version is not None
                         else repo.meta.format_versions())
-            owner = lambda: auth.fs_identity(repo.fd)  # noqa: E731
-            fd = self._open_tree(call, path, options)
+            owner = lambda: auth.as_owner(repo.fd, call.creds)  # noqa: E731
+            fd = self._open_tree(call, path, options, path_fd)
             with repo.lock.shared():
                 try:
                     with owner():
@@ -201,7 +192,7 @@ class ImageMethods:
                     raise
                 try:
                     store = RepositoryStore(repo, staging, owner)
-                    fs = self._scan(call, path, repo.alg, options, store, fd)
+                    fs = self._scan(call, path, repo.alg, options, fd, store)
                     validate_filesystem(fs)
                     images = [(v, write_image(fs, v)) for v in versions]
                     with owner():
@@ -216,26 +207,34 @@ class ImageMethods:
 
     def ComputeId(self, call: Call, path: str, repository: str | None = None,  # noqa: N802
                   algorithm: str | None = None, erofs_version: int | None = None,
-                  options: dict[str, Any] | None = None) -> dict[str, Any]:
+                  options: dict[str, Any] | None = None, path_fd: int | None = None,
+                  repository_fd: int | None = None) -> dict[str, Any]:
         """The image id of a directory, storing nothing."""
         _fs_options(options)
         version = _version(erofs_version, 1)
-        alg = self._algorithm(call, repository, algorithm)
-        fs = self._scan(call, path, alg, options)
+        alg = self._algorithm(call, repository, algorithm, repository_fd)
+        fs = self._scan(call, path, alg, options, self._open_tree(call, path, options, path_fd))
         validate_filesystem(fs)
         return {"image_id": fsverity.digest(write_image(fs, version), alg).hex(),
                 "algorithm": alg.name}
 
     def CreateDumpfile(self, call: Call, path: str, repository: str | None = None,  # noqa: N802
                        algorithm: str | None = None,
-                       options: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The dumpfile of a directory, written to the fd passed with the request."""
-        if len(call.fds) != 1:
+                       options: dict[str, Any] | None = None, path_fd: int | None = None,
+                       repository_fd: int | None = None,
+                       output_fd: int | None = None) -> dict[str, Any]:
+        """The dumpfile of a directory, written to the output fd passed with the request."""
+        if output_fd is None and len(call.fds) != 1:
             raise _spec(f"CreateDumpfile expects 1 fd (the output), got {len(call.fds)}")
         _fs_options(options)
-        alg = self._algorithm(call, repository, algorithm)
-        data = write_dumpfile(self._scan(call, path, alg, options))
-        _write_all(call.fds[0], data)
+        alg = self._algorithm(call, repository, algorithm, repository_fd)
+        data = write_dumpfile(self._scan(call, path, alg, options,
+                                         self._open_tree(call, path, options, path_fd)))
+        out = auth.CallerFiles(call).passed(0 if output_fd is None else output_fd, "output_fd")
+        try:
+            _write_all(out, data)
+        finally:
+            os.close(out)
         return {"size": len(data)}
 
     def DumpFiles(self, call: Call, handle: int, image: str, files: list[str],  # noqa: N802
@@ -259,6 +258,7 @@ class ImageMethods:
                     use_epoch: bool | None = None, skip_devices: bool | None = None,
                     skip_xattrs: bool | None = None, user_xattrs: bool | None = None,
                     hardlinks: bool | None = None, threads: int | None = None,
+                    source_fd: int | None = None, digest_store_fd: int | None = None,
                     ) -> dict[str, Any]:
         """C mkcomposefs: a directory or dumpfile to an image (written to output_fd)."""
         def fd_at(index: int | None, what: str) -> int | None:
@@ -270,7 +270,7 @@ class ImageMethods:
 
         inp = fd_at(input_fd, "input_fd")
         out = fd_at(output_fd, "output_fd")
-        if (inp is None) == (source is None):
+        if (inp is None) == (source is None and source_fd is None):
             raise _spec("exactly one of source and input_fd must be given")
         if threads is not None and threads <= 0:
             raise _spec(f"Invalid threads count {threads}")
@@ -287,38 +287,40 @@ class ImageMethods:
                 chunks.append(chunk)
             fs = from_dump(b"".join(chunks), strict=bool(strict))
         else:
-            assert source is not None
-            fs = self._mkcomposefs_dir(call, source, digest_store, opts)
+            fs = self._mkcomposefs_dir(call, source or f"fd:{source_fd}", source_fd,
+                                       digest_store, digest_store_fd, opts)
         image, version = build_image(fs, opts)
         if out is not None:
             _write_all(out, image)
         return {"digest": fsverity.digest(image, fsverity.SHA256).hex(), "size": len(image),
                 "version": version}
 
-    def _mkcomposefs_dir(self, call: Call, source: str, digest_store: str | None,
+    def _mkcomposefs_dir(self, call: Call, source: str, source_fd: int | None,
+                         digest_store: str | None, digest_store_fd: int | None,
                          opts: MkcomposefsOptions) -> FileSystem:
+        files = auth.CallerFiles(call)
         try:
-            fd = open_source(call, source)
+            fd = open_source(call, source, source_fd)
         except ScanError as e:
             raise MkcomposefsError(str(e), e.errno) from None
         sfd = None
         try:
-            if digest_store is not None:
+            if digest_store is not None or digest_store_fd is not None:
+                where = digest_store or f"fd:{digest_store_fd}"
                 try:
-                    with auth.caller_identity(call.creds):
-                        sfd = auth.open_dir(_absolute(digest_store, "digest_store"),
-                                            call.creds, want=auth.W | auth.X, create=True,
-                                            create_mode=0o755)
+                    sfd = files.directory(digest_store, digest_store_fd, what="digest_store",
+                                          create=True)
                 except auth.PermissionDenied:
-                    raise MkcomposefsError(f"cannot fill store: {digest_store}: Permission "
+                    raise MkcomposefsError(f"cannot fill store: {where}: Permission "
                                            "denied", errno.EACCES) from None
                 except OSError as e:
-                    raise MkcomposefsError(f"cannot fill store: {digest_store}: "
+                    raise MkcomposefsError(f"cannot fill store: {where}: "
                                            f"{e.strerror}", e.errno) from None
-            store = (DigestStore(sfd, lambda: auth.caller_identity(call.creds))
+            store = (DigestStore(sfd, lambda: auth.as_caller(call.creds))
                      if sfd is not None else None)
-            return from_directory(fd, opts, source=source, store=store,
-                                  **scan_access(call.creds))
+            with auth.as_caller(call.creds):
+                return from_directory(fd, opts, source=source, store=store,
+                                      hide_trusted_xattrs=hide_trusted(call.creds))
         finally:
             os.close(fd)
             if sfd is not None:

@@ -14,6 +14,8 @@ from pathlib import Path
 from types import FrameType
 
 from cfsd import __version__
+from cfsd.core import fsverity
+from cfsd.service import auth, identity
 from cfsd.service.binding import Server, Service, bind_unix, is_listening, listen_fds
 from cfsd.service.errors import map_error
 from cfsd.service.oci_api import OciAPI
@@ -88,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(JournalFormatter("%(message)s"))
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     _raise_fd_limit()
+    # Before anyone is served: load everything a call may need (a thread working as a caller
+    # must not read the interpreter's files), and start the helpers while the daemon is
+    # still only itself.
+    identity.warm_up()
+    fsverity.spawn_context = identity.as_daemon
+    auth.start_opener()
     state = State(Defaults(args.insecure, args.require_verity, args.no_upgrade))
     try:
         service = build_service(state)
@@ -102,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             server.serve_connection(sock)
         finally:
             state.close_all()
+            auth.stop_opener()
         return 0
 
     listeners: list[socket.socket] = []
@@ -141,5 +150,6 @@ def main(argv: list[str] | None = None) -> int:
             except OSError:
                 pass
         state.close_all()
+        auth.stop_opener()
     log.info("stopped")
     return 0

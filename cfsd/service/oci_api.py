@@ -16,7 +16,7 @@ from cfsd.oci.pull import DeltaArtifact, PullOptions, pull
 from cfsd.oci.reference import InvalidReference
 from cfsd.oci.registry import AuthenticationError, Credentials, RegistryError
 from cfsd.service import auth
-from cfsd.service.binding import Call, PeerCreds, VarlinkError
+from cfsd.service.binding import Call, VarlinkError
 from cfsd.service.delta_api import DeltaMethods
 from cfsd.service.errors import OCI
 from cfsd.service.oci_image_api import OciImageMethods
@@ -40,28 +40,31 @@ class _FdReader:
         return os.read(self.fd, n if n > 0 else 1 << 20)
 
 
-def caller_auth_configs(creds: PeerCreds, auth_file: str | None) -> list[bytes]:
-    """Contents of the caller's auth file (the named one, or containers/docker defaults).
+def caller_auth_configs(call: Call, auth_file: str | None,
+                        auth_file_fd: int | None) -> list[bytes]:
+    """Contents of the caller's auth file (the named or passed one, or the defaults).
 
-    A named file is opened with the caller's permissions; the default files are the caller's
-    own (in its runtime and home directories).
+    Every file is opened by the caller (a passed fd or the opener helper as the caller);
+    the defaults are the caller's containers/docker auth files.
     """
-    if auth_file is not None:
-        paths = [auth_file]
+    files = auth.CallerFiles(call)
+    if auth_file is not None or auth_file_fd is not None:
+        named = [(auth_file, auth_file_fd)]
     else:
-        paths = [f"/run/user/{creds.uid}/containers/auth.json"]
+        uid = call.creds.uid
+        named = [(f"/run/user/{uid}/containers/auth.json", None)]
         try:
-            home = pwd.getpwuid(creds.uid).pw_dir
-            paths += [os.path.join(home, ".config/containers/auth.json"),
-                      os.path.join(home, ".docker/config.json")]
+            home = pwd.getpwuid(uid).pw_dir
+            named += [(os.path.join(home, ".config/containers/auth.json"), None),
+                      (os.path.join(home, ".docker/config.json"), None)]
         except KeyError:
             pass
     out = []
-    for p in paths:
+    for path, index in named:
         try:
-            fd = auth.open_file(p, creds)
+            fd = files.file(path, index, what="auth_file")
         except (OSError, auth.PermissionDenied):
-            if auth_file is not None:
+            if auth_file is not None or auth_file_fd is not None:
                 raise
             continue
         try:
@@ -98,7 +101,7 @@ class OciAPI(DeltaMethods, OciImageMethods):
                            message=f"ImportLayer expects 1 fd (the tar), got {len(call.fds)}")
             require_writer(call, h, "import layers")
             repo = h.repo
-            with repo.lock.shared(), auth.fs_identity(repo.fd):
+            with repo.lock.shared(), auth.as_owner(repo.fd, call.creds):
                 res = import_layer(repo, _FdReader(call.fds[0]), digest, name)
             return {"verity": res.verity.hex(), "already_present": res.already_present,
                     "stats": res.stats.display()}
@@ -122,7 +125,7 @@ class OciAPI(DeltaMethods, OciImageMethods):
         """Point a tag at a stored manifest."""
         with self.state.use(call, handle, OCI) as h:
             require_writer(call, h, "tag images")
-            with auth.fs_identity(h.repo.fd):
+            with auth.as_owner(h.repo.fd, call.creds):
                 try:
                     oci_image.tag(h.repo, manifest_digest.removeprefix("@"), name)
                 except NotFound:
@@ -153,7 +156,9 @@ class OciAPI(DeltaMethods, OciImageMethods):
              xattrs: str | None = None, expected_digest: str | None = None,
              platform: str | None = None, tls_verify: bool | None = None,
              credentials: str | None = None, auth_file: str | None = None,
-             concurrency: int | None = None) -> Generator[dict[str, Any], None, dict[str, Any]]:
+             concurrency: int | None = None, image_fd: int | None = None,
+             auth_file_fd: int | None = None,
+             ) -> Generator[dict[str, Any], None, dict[str, Any]]:
         """Pull an image (streaming progress with "more")."""
         if expected_digest is not None and not bootable:
             raise _err("InvalidRequest", message="expected_digest requires bootable")
@@ -169,15 +174,15 @@ class OciAPI(DeltaMethods, OciImageMethods):
         creds = Credentials.parse(credentials) if credentials else None
         with self.state.use(call, handle, OCI) as h:
             require_writer(call, h, "pull images")
-            configs = [] if credentials else caller_auth_configs(call.creds, auth_file)
+            configs = [] if credentials else caller_auth_configs(call, auth_file, auth_file_fd)
             opts = PullOptions(tag=image if name is None else name, platform=platform,
                                tls_verify=True if tls_verify is None else tls_verify,
                                credentials=creds, auth_configs=configs,
-                               opener=auth.CallerOpener(call.creds))
+                               opener=auth.CallerOpener(call, image_fd))
             if concurrency:
                 opts.max_workers = concurrency
             repo = h.repo
-            with repo.lock.shared(), auth.fs_identity(repo.fd):
+            with repo.lock.shared(), auth.as_owner(repo.fd, call.creds):
                 try:
                     result = yield from pull(repo, image, opts)
                 except DeltaArtifact as delta:

@@ -19,7 +19,7 @@ from cfsd.oci import image as oci_image
 from cfsd.oci.digest import Digest
 from cfsd.oci.finalize import image_ref_key
 from cfsd.oci.rootfs import create_filesystem, entry_item, entry_stat, make_absolute_path
-from cfsd.service import auth
+from cfsd.service import auth, identity
 from cfsd.service.binding import Call, VarlinkError
 from cfsd.service.errors import OCI
 from cfsd.service.state import State
@@ -159,17 +159,23 @@ class OciImageMethods:
             return {"fd_index": 0}
 
     def Checkout(self, call: Call, handle: int, image: str,  # noqa: N802
-                 directory: str) -> dict[str, Any]:
-        """Materialize the image's root filesystem into a directory."""
+                 directory: str, directory_fd: int | None = None) -> dict[str, Any]:
+        """Materialize the image's root filesystem into a directory, as the caller."""
         with self.state.use(call, handle, OCI) as h:
             repo = h.repo
             with repo.lock.shared():
                 fs = create_filesystem(repo, _open(repo, image))
-                dfd = auth.open_dir(directory, call.creds, want=auth.W | auth.X, create=True,
-                                    create_mode=0o755)
+                dfd = auth.CallerFiles(call).directory(directory, directory_fd,
+                                                       what="directory", create=True)
+
+                def open_object(digest: bytes) -> int:
+                    with identity.as_daemon():
+                        return repo.open_object(digest)
+
                 try:
-                    with auth.caller_identity(call.creds):
-                        res = checkout(repo, fs, dfd, privileged=call.creds.uid == 0)
+                    with auth.as_caller(call.creds):
+                        res = checkout(repo, fs, dfd, privileged=call.creds.uid == 0,
+                                       open_object=open_object)
                 finally:
                     os.close(dfd)
             return {"entries": res.entries, "skipped": res.skipped}

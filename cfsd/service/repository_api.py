@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Any
 
@@ -40,12 +41,6 @@ def require_writer(call: Call, h: Handle, what: str) -> None:
     h.repo.ensure_writable()
 
 
-def _absolute(path: str) -> str:
-    if not path.startswith("/"):
-        raise _spec_error(f"repository path must be absolute: {path!r}")
-    return path
-
-
 class RepositoryAPI(ImageMethods):
     """Implementation of org.composefs.Repository."""
 
@@ -54,18 +49,19 @@ class RepositoryAPI(ImageMethods):
 
     def InitRepository(self, call: Call, path: str, algorithm: str | None = None,  # noqa: N802
                        insecure: bool | None = None, erofs_version: int | None = None,
-                       reset_metadata: bool | None = None) -> dict[str, Any]:
+                       reset_metadata: bool | None = None,
+                       path_fd: int | None = None) -> dict[str, Any]:
         """Create (or verify) a repository."""
         alg = parse_algorithm(algorithm)
         version = 1 if erofs_version is None else erofs_version
         if version not in (0, 1, 2):
             raise _spec_error(f"invalid EROFS version {version} (expected 0, 1 or 2)")
-        fd = auth.open_dir(_absolute(path), call.creds, want=auth.R | auth.W | auth.X,
-                           create=True)
+        fd = auth.CallerFiles(call).directory(path, path_fd, what="path", create=True,
+                                              mode=0o700)
         try:
             auth.check_writer(fd, call.creds, "initialize it")
             insecure = bool(insecure) or self.state.defaults.insecure
-            with auth.fs_identity(fd):
+            with auth.as_owner(fd, call.creds):
                 if reset_metadata:
                     drop_metadata(fd)
                 repo, created = Repository.init_at(fd, path, alg=alg, insecure=insecure,
@@ -79,10 +75,12 @@ class RepositoryAPI(ImageMethods):
             os.close(fd)
 
     def EnsureRepository(self, call: Call, path: str, algorithm: str | None = None,  # noqa: N802
-                         insecure: bool | None = None) -> dict[str, Any]:
+                         insecure: bool | None = None,
+                         path_fd: int | None = None) -> dict[str, Any]:
         """Open as is, create when absent, or upgrade a legacy repository."""
         alg = parse_algorithm(algorithm)
-        fd = auth.open_dir(_absolute(path), call.creds, create=True)
+        fd = auth.CallerFiles(call).directory(path, path_fd, what="path", create=True,
+                                              mode=0o700)
         try:
             meta, _ = read_meta(fd)
             if meta is not None:
@@ -92,7 +90,7 @@ class RepositoryAPI(ImageMethods):
                         f"but {alg.name} was requested")
                 return {"status": "Opened"}
             auth.check_writer(fd, call.creds, "initialize it")
-            with auth.fs_identity(fd):
+            with auth.as_owner(fd, call.creds):
                 if exists(fd, "objects"):
                     Repository.open_at(fd, path, upgrade=True).close()
                     return {"status": "Upgraded"}
@@ -106,9 +104,10 @@ class RepositoryAPI(ImageMethods):
     def OpenRepository(self, call: Call, path: str | None = None,  # noqa: N802
                        user: bool | None = None, system: bool | None = None,
                        insecure: bool | None = None, require_verity: bool | None = None,
-                       no_upgrade: bool | None = None) -> dict[str, Any]:
+                       no_upgrade: bool | None = None,
+                       path_fd: int | None = None) -> dict[str, Any]:
         """Open a repository and return a handle."""
-        selectors = [path is not None, bool(user), bool(system)]
+        selectors = [path is not None or path_fd is not None, bool(user), bool(system)]
         if sum(selectors) != 1:
             raise _spec_error("exactly one of 'path', 'user', 'system' must be set")
         if user:
@@ -116,17 +115,26 @@ class RepositoryAPI(ImageMethods):
         elif system:
             target = SYSTEM_REPO
         else:
-            assert path is not None
-            target = _absolute(path)
+            target = path if path is not None else f"fd:{path_fd}"
         try:
-            h = self.state.open(call, target, insecure=bool(insecure),
+            fd = auth.CallerFiles(call).directory(target, path_fd, what="path")
+        except auth.CallerPathError as e:
+            if e.errno in (errno.EACCES, errno.EPERM):
+                raise auth.PermissionDenied(f"permission denied: {target}") from None
+            if e.errno == errno.ENOENT:
+                raise VarlinkError(f"{REPOSITORY}.RepoNotFound",
+                                   {"message": f"repository {target} does not exist"}) from None
+            raise VarlinkError(f"{REPOSITORY}.RepoNotFound",
+                               {"message": f"{target}: {e.strerror}"}) from None
+        try:
+            h = self.state.open(call, fd, target, insecure=bool(insecure),
                                 require_verity=bool(require_verity),
                                 no_upgrade=bool(no_upgrade))
-        except auth.PermissionDenied:
-            raise
         except (RepositoryError, OSError) as e:
             msg = str(e) if isinstance(e, RepositoryError) else f"{target}: {e.strerror}"
             raise VarlinkError(f"{REPOSITORY}.RepoNotFound", {"message": msg}) from None
+        finally:
+            os.close(fd)
         return {"handle": h.id, "hash_algorithm": h.repo.alg.name,
                 "objects_device_id": os.fstat(h.repo.fd).st_dev}
 
@@ -148,7 +156,7 @@ class RepositoryAPI(ImageMethods):
         with self.state.use(call, handle, REPOSITORY) as h:
             if not dry_run:
                 require_writer(call, h, "collect garbage")
-            with auth.fs_identity(h.repo.fd):
+            with auth.as_owner(h.repo.fd, call.creds):
                 result = gc(h.repo, roots, dry_run=dry_run)
             return {"result": result.to_dict(), "dry_run": dry_run}
 

@@ -76,43 +76,40 @@ class State:
         self._handles: dict[int, Handle] = {}
         self._repos: dict[tuple[int, int, bool], _Shared] = {}
 
-    def open(self, call: Call, path: str, *, insecure: bool, require_verity: bool,
+    def open(self, call: Call, fd: int, path: str, *, insecure: bool, require_verity: bool,
              no_upgrade: bool) -> Handle:
-        """Open (or share) the repository at *path* for the caller and return a new handle."""
+        """Open (or share) the repository whose directory the caller opened as *fd*.
+
+        Only the owner (root for root's repositories) upgrades a legacy repository; for
+        anyone else it is read as it is and nothing is written.
+        """
         insecure = insecure or self.defaults.insecure
         require_verity = require_verity or self.defaults.require_verity
-        upgrade = not (no_upgrade or self.defaults.no_upgrade)
-        try:
-            fd = auth.open_dir(path, call.creds)
-        except FileNotFoundError:
-            raise RepositoryError(f"repository {path} does not exist") from None
-        except NotADirectoryError:
-            raise RepositoryError(f"{path} is not a directory") from None
-        try:
-            st = os.fstat(fd)
-            key = (st.st_dev, st.st_ino, insecure)
+        st = os.fstat(fd)
+        owner = st.st_uid == call.creds.uid
+        upgrade = owner and not (no_upgrade or self.defaults.no_upgrade)
+        key = (st.st_dev, st.st_ino, insecure)
+        with self._lock:
+            shared = self._repos.get(key)
+            if shared is not None:
+                shared.refs += 1
+        if shared is None:
+            with auth.as_owner(fd, call.creds) if upgrade else contextlib.nullcontext():
+                new = Repository.open_at(fd, path, insecure=insecure,
+                                         require_verity=require_verity, upgrade=upgrade,
+                                         legacy_read=not owner)
             with self._lock:
                 shared = self._repos.get(key)
                 if shared is not None:
                     shared.refs += 1
-            if shared is None:
-                with auth.fs_identity(fd):
-                    new = Repository.open_at(fd, path, insecure=insecure,
-                                             require_verity=require_verity, upgrade=upgrade)
-                with self._lock:
-                    shared = self._repos.get(key)
-                    if shared is not None:
-                        shared.refs += 1
-                    else:
-                        shared = self._repos[key] = _Shared(new)
-                if shared.repo is not new:
-                    new.close()
-            elif require_verity and not shared.repo.secure:
-                self._release(key, shared)
-                raise RepositoryError(f"repository {path} does not have fs-verity enabled")
-            writable = call.creds.uid == 0 or st.st_uid == call.creds.uid
-        finally:
-            os.close(fd)
+                else:
+                    shared = self._repos[key] = _Shared(new)
+            if shared.repo is not new:
+                new.close()
+        elif require_verity and not shared.repo.secure:
+            self._release(key, shared)
+            raise RepositoryError(f"repository {path} does not have fs-verity enabled")
+        writable = call.creds.uid == 0 or owner
         with self._lock:
             h = Handle(next(self._ids), shared.repo, shared, key, call.creds,
                        call.connection.id, writable)
