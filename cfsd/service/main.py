@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     # still only itself.
     identity.warm_up()
     fsverity.spawn_context = identity.as_daemon
-    auth.start_opener()
+    if args.connection_fd is None:
+        auth.start_opener()     # a private daemon serves only the cfsctl that passes its fds
     state = State(Defaults(args.insecure, args.require_verity, args.no_upgrade))
     try:
         service = build_service(state)
