@@ -409,14 +409,15 @@ address, home, rootdir, image_repo, n = sys.argv[2:7]
 x = os.path.join(home, "x")
 stop = False
 def swap():
+    n = 0
     while not stop:
-        try:
-            os.mkdir(x)
-            os.rmdir(x)
-            os.symlink(rootdir, x)
-            os.unlink(x)
-        except OSError:
-            pass
+        for step in (lambda: os.mkdir(x), lambda: os.rename(x, f"{x}.{n}"),
+                     lambda: os.symlink(rootdir, x), lambda: os.unlink(x)):
+            try:
+                step()
+            except OSError:
+                pass
+        n += 1
 t = threading.Thread(target=swap)
 t.start()
 out = []
@@ -465,6 +466,10 @@ def test_swapping_directory_for_symlink_race(world: Path, open_daemon: Daemon,
     assert len(results) == 1000
     assert listing(rootdir) == before
     assert all(BIG_SECRET.hex() not in r for r in results)
+    outcomes = [errname(json.loads(r)[-1]) for r in results]
+    print({k: outcomes.count(k) for k in set(outcomes)})
+    assert "PermissionDenied" in outcomes          # the symlink was met and refused
+    assert "" in outcomes                          # and the directory was met and used
     # everything created below the caller's home is the caller's, and root chowned nothing
     for q in [home, *home.rglob("*")]:
         st = q.lstat()
