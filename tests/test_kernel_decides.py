@@ -402,7 +402,7 @@ def test_relative_paths_under_socket_activation(tmp_path: Path) -> None:
 
 
 RACE_SCRIPT = r"""
-import json, os, socket, sys, threading
+import json, os, socket, sys, threading, time
 sys.path.insert(0, os.path.dirname(sys.argv[1]))
 from varlink_calls import session
 address, home, rootdir, image_repo, n = sys.argv[2:7]
@@ -411,8 +411,9 @@ stop = False
 def swap():
     n = 0
     while not stop:
-        for step in (lambda: os.mkdir(x), lambda: os.rename(x, f"{x}.{n}"),
-                     lambda: os.symlink(rootdir, x), lambda: os.unlink(x)):
+        for step in (lambda: os.mkdir(x), lambda: time.sleep(0.003),
+                     lambda: os.rename(x, f"{x}.{n}"), lambda: os.symlink(rootdir, x),
+                     lambda: time.sleep(0.003), lambda: os.unlink(x)):
             try:
                 step()
             except OSError:
