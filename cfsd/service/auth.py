@@ -97,11 +97,6 @@ def check_writer(dir_fd: int, creds: PeerCreds, what: str) -> None:
                                f"may {what}")
 
 
-def is_owner(dir_fd: int, creds: PeerCreds) -> bool:
-    """True when the caller owns the directory (root owns what root owns)."""
-    return os.fstat(dir_fd).st_uid == creds.uid
-
-
 def _path_error(e: OSError, path: str) -> CallerPathError:
     if isinstance(e, CallerPathError):
         return e
