@@ -33,3 +33,7 @@ class FormatError(RepositoryError):
 
 class NotFound(RepositoryError):
     """A named stream, image or ref does not exist."""
+
+
+class DamagedRepository(RepositoryError):
+    """The repository's layout is damaged (a file where a directory belongs...)."""

@@ -152,6 +152,9 @@ def fsck(repo: Repository, metadata_only: bool = False) -> FsckResult:
         except RepositoryError as e:
             res.error("metadata-parse-failed", META_JSON, str(e))
 
+        for problem in repo.layout_problems():
+            res.error("layout-damaged", problem.split(" ", 1)[0], problem)
+
         if not metadata_only:
             dirs = [f"{i:02x}" for i in range(256)]
             with concurrent.futures.ThreadPoolExecutor(max(2, os.cpu_count() or 2)) as ex:

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 from cfsd.core import fsverity
-from cfsd.core.errors import RepositoryError
+from cfsd.core.errors import DamagedRepository, RepositoryError
 from cfsd.core.metadata import DIR_FLAGS
 from cfsd.core.objects import remove_stale_staging
 from cfsd.core.repository import Repository, exclusive
@@ -127,9 +127,14 @@ def gc(repo: Repository, roots: Sequence[str] = (), dry_run: bool = False,
     with ctx:
         if not dry_run:
             repo.ensure_writable()
+        problems = repo.layout_problems()
+        if problems:
+            raise DamagedRepository("refusing to collect garbage in a damaged repository ("
+                                    + "; ".join(problems) + "); run fsck")
         live = live_objects(repo, roots)
         result = GcResult()
         removed: set[bytes] = set()
+        doomed: list[tuple[str, str]] = []      # (xx, rest) of the objects to remove
         ofd = repo.objects_fd
         for i in range(256):
             xx = f"{i:02x}"
@@ -153,38 +158,42 @@ def gc(repo: Repository, roots: Sequence[str] = (), dry_run: bool = False,
                     result.objects_removed += 1
                     result.objects_bytes += st.st_size
                     removed.add(digest)
-                    if not dry_run:
-                        os.unlink(name, dir_fd=sfd)
+                    doomed.append((xx, name))
             finally:
                 os.close(sfd)
+        # Names go before the objects they point to, durably: a gc interrupted at any point
+        # leaves no name without its object (at worst unreferenced objects, removed next time).
+        result.images_pruned = _prune(repo, "images", removed, dry_run)
+        result.streams_pruned = _prune(repo, "streams", removed, dry_run)
         if not dry_run:
+            repo.sync()
+            for xx, name in doomed:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"{xx}/{name}", dir_fd=ofd)
             for name in os.listdir(ofd):
                 if name.startswith(".tmp-object-"):
                     with contextlib.suppress(OSError):
                         os.unlink(name, dir_fd=ofd)
             remove_stale_staging(repo)
             repo.forget_verified()
-        result.images_pruned = _prune(repo, "images", removed, dry_run)
-        result.streams_pruned = _prune(repo, "streams", removed, dry_run)
         return result
 
 
 def _prune(repo: Repository, category: str, removed: set[bytes], dry_run: bool) -> int:
-    """Remove first-level links to gone objects, then refs to gone first-level links."""
-    pruned = 0
-    gone: set[str] = set()
+    """Remove refs to first-level links that go, then those links (to objects that go or
+    are gone): never a ref without its link, never a link without its object."""
+    gone: list[str] = []
     present: set[str] = set()
     for name, digest in first_level(repo, category):
         if digest is None or digest in removed or not repo.has_object(digest):
-            gone.add(name)
-            pruned += 1
-            if not dry_run:
-                repo.unlink(f"{category}/{name}")
+            gone.append(name)
         else:
             present.add(name)
-    for ref, target in repo.list_refs(category):
-        if target.rsplit("/", 1)[-1] not in present:
-            pruned += 1
-            if not dry_run:
-                repo.unlink(f"{category}/refs/{ref}")
-    return pruned
+    refs = [ref for ref, target in repo.list_refs(category)
+            if target.rsplit("/", 1)[-1] not in present]
+    if not dry_run:
+        for ref in refs:
+            repo.unlink(f"{category}/refs/{ref}")
+        for name in gone:
+            repo.unlink(f"{category}/{name}")
+    return len(refs) + len(gone)

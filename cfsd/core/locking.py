@@ -52,6 +52,8 @@ class RWLock:
                     self._cond.wait(remaining)
             finally:
                 self._waiting_writers -= 1
+                if not self._waiting_writers:
+                    self._cond.notify_all()     # readers held back for this writer
             self._writer = True
         try:
             yield

@@ -544,6 +544,28 @@ class Repository:
         _walk_links(fd, "", out)
         return sorted(out)
 
+    def layout_problems(self) -> list[str]:
+        """What is wrong with the repository's directory layout (empty when sound).
+
+        ``objects/``, ``images/``, ``streams/`` and their ``refs/`` trees must be
+        directories (or absent), and a refs tree holds only directories and symlinks:
+        anything else would hide roots from gc.
+        """
+        problems: list[str] = []
+        for rel in ("objects", "images", "streams", "images/refs", "streams/refs"):
+            try:
+                mode = os.stat(rel, dir_fd=self.fd, follow_symlinks=False).st_mode
+            except FileNotFoundError:
+                continue
+            except NotADirectoryError:
+                continue            # its parent is already reported
+            if not stat.S_ISDIR(mode):
+                problems.append(f"{rel} is not a directory")
+            elif rel.endswith("/refs"):
+                fd = self.open_dir(rel)
+                _refs_problems(fd, rel, problems)
+        return problems
+
     # -- images ----------------------------------------------------------------------------
 
     def write_image(self, data: bytes, name: str | None = None) -> bytes:
@@ -587,6 +609,21 @@ class Repository:
 
 def _lstat_mode(dir_fd: int, name: str) -> int:
     return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+
+
+def _refs_problems(fd: int, prefix: str, out: list[str]) -> None:
+    """Entries below the refs directory *fd* (closed here) that are neither links nor dirs."""
+    try:
+        for e in list(os.scandir(fd)):
+            name = f"{prefix}/{e.name}"
+            if e.is_symlink():
+                continue
+            if e.is_dir(follow_symlinks=False):
+                _refs_problems(os.open(e.name, DIR_FLAGS, dir_fd=fd), name, out)
+            else:
+                out.append(f"{name} is neither a symlink nor a directory")
+    finally:
+        os.close(fd)
 
 
 def _walk_links(fd: int, prefix: str, out: list[tuple[str, str]]) -> None:

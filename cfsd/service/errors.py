@@ -8,6 +8,7 @@ from cfsd.core.dumpfile import DumpfileError
 from cfsd.core.erofs import ErofsError
 from cfsd.core.errors import (
     AlreadyInitialized,
+    DamagedRepository,
     FormatError,
     InvalidName,
     NotFound,
@@ -52,6 +53,8 @@ def map_error(iface: str, e: Exception) -> VarlinkError | None:
             return err("InvalidSpec" if iface == REPOSITORY else "InvalidRequest",
                        message=str(e))
         return err("InternalError", message=str(e))
+    if isinstance(e, DamagedRepository):
+        return err("InvalidData", message=str(e))
     if isinstance(e, DumpfileError | ErofsError):
         return err("InvalidData", message=str(e))
     if isinstance(e, PermissionDenied | PermissionError):
