@@ -18,11 +18,16 @@ class Raw:
         self.buf = b""
 
     def send_raw(self, data: bytes, fds: list[int] | None = None) -> None:
-        if fds:
-            self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                        array.array("i", fds).tobytes())])
-        else:
-            self.sock.sendall(data)
+        """Send *data*; a server that answers (an error) and closes before reading all of
+        it is allowed: its reply is still there to be read."""
+        try:
+            if fds:
+                self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                            array.array("i", fds).tobytes())])
+            else:
+                self.sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
 
     def send(self, method: str, params: Any = None, fds: list[int] | None = None,
              **flags: Any) -> None:

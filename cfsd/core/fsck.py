@@ -75,7 +75,8 @@ def _check_object_dir(repo: Repository, xx: str) -> tuple[int, list[tuple[str, s
                 problems.append(("object-invalid-name", path, ""))
                 continue
             try:
-                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sfd)
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                             dir_fd=sfd)
             except OSError as e:
                 problems.append(("object-open-failed", path, e.strerror or str(e)))
                 continue

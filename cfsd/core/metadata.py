@@ -149,7 +149,8 @@ class RepoMetadata:
 def read_meta(fd: int) -> tuple[RepoMetadata | None, bool]:
     """(metadata, secure) from meta.json, or (None, False) if it does not exist."""
     try:
-        mfd = os.open(META_JSON, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        mfd = os.open(META_JSON, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                      dir_fd=fd)
     except FileNotFoundError:
         return None, False
     except OSError as e:

@@ -312,11 +312,17 @@ class Repository:
         except FileNotFoundError:
             raise CorruptObject(f"object {digest.hex()} is missing") from None
         try:
-            fd = os.open(rest, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            # O_NONBLOCK: a FIFO or device planted as an object is refused, never waited on
+            fd = os.open(rest, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+                         | os.O_NOCTTY, dir_fd=dfd)
         except FileNotFoundError:
             raise CorruptObject(f"object {digest.hex()} is missing") from None
         finally:
             os.close(dfd)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise CorruptObject(f"object {digest.hex()} is not a regular file")
+        os.set_blocking(fd, True)
         if verify if verify is not None else self.secure:
             measured = fsverity.measure_verity(fd, self.alg)
             if measured != digest:

@@ -15,6 +15,7 @@ import re
 import ssl
 import threading
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -28,8 +29,40 @@ from cfsd.oci.reference import DOCKER_HUB, ImageReference
 RETRIES = 4
 CHUNK = 1 << 16
 TIMEOUT = httpx.Timeout(30.0, connect=10.0)
+MAX_TOKEN_BODY = 1 << 20        # a token service's answer, decompressed
 _tls: ssl.SSLContext | None = None
 _tls_lock = threading.Lock()
+
+
+def read_capped(r: httpx.Response, limit: int, what: str) -> bytes:
+    """The body of a streaming response, at most *limit* bytes after decoding.
+
+    Content-Encoding is undone here, with the output bounded at every step, so a small
+    compressed body cannot expand into gigabytes (httpx decodes whole chunks unbounded).
+    """
+    declared = r.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise FormatError(f"{what} too large ({declared} bytes)")
+    encoding = r.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        dec = None
+    elif encoding in ("gzip", "x-gzip", "deflate"):
+        dec = zlib.decompressobj(47 if "gzip" in encoding else 15)
+    else:
+        raise RegistryError(f"{what}: unsupported Content-Encoding {encoding!r}")
+    out = bytearray()
+    for chunk in r.iter_raw(1 << 16):
+        data = chunk
+        while data:
+            if dec is None:
+                out += data
+                data = b""
+            else:
+                out += dec.decompress(data, limit + 1 - len(out))
+                data = dec.unconsumed_tail
+            if len(out) > limit:
+                raise FormatError(f"{what} larger than {limit} bytes")
+    return bytes(out)
 
 
 def tls_context() -> ssl.SSLContext:
@@ -125,8 +158,8 @@ class RegistryClient:
         """With TLS verification off, fall back to plain HTTP when HTTPS does not answer."""
         for base in (f"https://{self.registry}", f"http://{self.registry}"):
             try:
-                self.client.get(f"{base}/v2/")
-                return base
+                with self.client.stream("GET", f"{base}/v2/"):
+                    return base             # the body is never read
             except httpx.TransportError:
                 continue
         raise RegistryError(f"cannot reach registry {self.registry}")
@@ -160,27 +193,30 @@ class RegistryClient:
         if self.credentials:
             auth = httpx.BasicAuth(self.credentials.username, self.credentials.password)
         try:
-            r = self.client.get(fields["realm"], params=query, auth=auth, follow_redirects=True)
-        except httpx.TransportError as e:
+            with self.client.stream("GET", fields["realm"], params=query, auth=auth,
+                                    follow_redirects=True) as r:
+                if r.status_code in (401, 403):
+                    raise AuthenticationError(
+                        f"registry {self.registry} rejected the credentials")
+                if r.status_code != 200:
+                    raise RegistryError(f"token service answered {r.status_code}")
+                raw = read_capped(r, MAX_TOKEN_BODY, "token response")
+        except httpx.HTTPError as e:
             raise RegistryError(f"token service {fields['realm']}: {e}") from None
-        if r.status_code in (401, 403):
-            raise AuthenticationError(f"registry {self.registry} rejected the credentials")
-        if r.status_code != 200:
-            raise RegistryError(f"token service answered {r.status_code}")
         try:
-            body = r.json()
+            body = json.loads(raw)
             token = body.get("token") or body.get("access_token")
             expires = float(body.get("expires_in") or 60)
-        except (ValueError, AttributeError, TypeError):
+        except (ValueError, AttributeError, TypeError, UnicodeDecodeError):
             token = None
         if not isinstance(token, str) or not token:
             raise RegistryError("token service returned no token")
         with self._lock:
             self._token = (token, time.monotonic() + max(expires - 5, 5))
 
-    def request(self, path: str, headers: dict[str, str] | None = None,
-                stream: bool = False) -> httpx.Response:
-        """GET *path* (below /v2/<repository>/) with auth, redirects and retries."""
+    def request(self, path: str, headers: dict[str, str] | None = None) -> httpx.Response:
+        """GET *path* (below /v2/<repository>/) with auth, redirects and retries; the
+        response is streaming (the caller reads it, with a bound, and closes it)."""
         url = f"{self.base}/v2/{self.repository}/{path}"
         delay = 0.2
         authed = False
@@ -216,26 +252,14 @@ class RegistryClient:
             if r.status_code not in (200, 206):
                 r.close()
                 raise RegistryError(f"{self.registry}: GET {path} answered {r.status_code}")
-            if not stream:
-                try:
-                    r.read()
-                finally:
-                    r.close()
             return r
         raise RegistryError(f"{self.registry}: GET {path} failed")
 
     def manifest(self, reference: str) -> tuple[bytes, str | None, str | None]:
         """(bytes, Content-Type, Docker-Content-Digest) of a manifest or index."""
-        r = self.request(f"manifests/{reference}", {"Accept": mediatypes.ACCEPT}, stream=True)
+        r = self.request(f"manifests/{reference}", {"Accept": mediatypes.ACCEPT})
         try:
-            declared = r.headers.get("Content-Length")
-            if declared is not None and int(declared) > MAX_MANIFEST:
-                raise FormatError(f"manifest too large ({declared} bytes)")
-            body = bytearray()
-            for chunk in r.iter_bytes():
-                body += chunk
-                if len(body) > MAX_MANIFEST:
-                    raise FormatError("manifest too large")
+            body = read_capped(r, MAX_MANIFEST, "manifest")
         except httpx.HTTPError as e:
             raise RegistryError(f"{self.registry}: reading manifest: {e}") from None
         finally:
@@ -259,7 +283,7 @@ class RegistryBlob:
 
     def _open(self) -> None:
         headers = {"Range": f"bytes={self.received}-"} if self.received else {}
-        r = self.client.request(f"blobs/{self.digest}", headers, stream=True)
+        r = self.client.request(f"blobs/{self.digest}", headers)
         if self.received and r.status_code != 206:
             r.close()
             raise RegistryError("registry cannot resume the blob download")

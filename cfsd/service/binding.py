@@ -22,6 +22,8 @@ import itertools
 import json
 import logging
 import os
+import select
+import selectors
 import socket
 import struct
 import threading
@@ -35,11 +37,22 @@ import varlink.scanner as vs
 
 log = logging.getLogger("cfsd.varlink")
 
-MAX_MESSAGE = 16 << 20
-MAX_FDS = 253
+# Limits on what one client can make the daemon hold (docs/limits.md).
+MAX_MESSAGE = 1 << 20            # bytes of one request (its parameters are JSON)
+MAX_PENDING_FDS = 16             # descriptors received and not yet claimed by a call
+MAX_CONNECTIONS = 256            # connections served at once (one thread each)
+MAX_CONNECTIONS_PER_UID = 32     # of which one user may hold
+PARTIAL_MESSAGE_TIMEOUT = 30.0   # seconds a request may stay incomplete without progress
+IDLE_TIMEOUT = 600.0             # seconds a connection may wait between requests
+ACCEPT_BACKOFF_MAX = 1.0         # seconds between accept attempts while accept fails
+WATCH_INTERVAL = 0.5             # seconds between checks for clients that went away
 RECV_SIZE = 1 << 16
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 SERVICE_INTERFACE = "org.varlink.service"
+
+
+class CallCancelled(Exception):
+    """The call's client went away, or the daemon is stopping: the work stops."""
 
 
 class VarlinkError(Exception):
@@ -112,6 +125,8 @@ class Connection:
         self.closed = False
         self._buf = bytearray()
         self._fds: list[tuple[int, int]] = []   # (buffer offset of the message, fd)
+        self.current: Call | None = None         # the call being served
+        self.cancelled = False                  # set when the daemon stops
 
     def on_close(self, cb: Callable[[], None]) -> None:
         """Run *cb* when the connection closes."""
@@ -122,10 +137,7 @@ class Connection:
         if self.closed:
             return
         self.closed = True
-        for _, fd in self._fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._fds.clear()
+        self._drop_fds()
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
@@ -135,8 +147,15 @@ class Connection:
             except Exception:  # noqa: BLE001 - a cleanup failure must not stop the others
                 log.exception("connection close callback failed")
 
+    def _drop_fds(self) -> None:
+        for _, fd in self._fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
+
     def read_message(self) -> tuple[bytes, list[int]] | None:
-        """Next NUL-terminated message and the fds that arrived with it; None at EOF."""
+        """Next NUL-terminated message and the fds that arrived with it; None at EOF (or
+        when the client stalls: idle or mid-message past the timeouts)."""
         while True:
             i = self._buf.find(b"\0")
             if i >= 0:
@@ -149,10 +168,11 @@ class Connection:
                 raise VarlinkError(f"{SERVICE_INTERFACE}.InvalidParameter",
                                    {"parameter": "message exceeds the size limit"})
             fds = array.array("i")
+            self.sock.settimeout(PARTIAL_MESSAGE_TIMEOUT if self._buf else IDLE_TIMEOUT)
             try:
-                data, anc, _flags, _ = self.sock.recvmsg(
-                    RECV_SIZE, socket.CMSG_SPACE(MAX_FDS * fds.itemsize))
-            except (ConnectionResetError, OSError):
+                data, anc, flags, _ = self.sock.recvmsg(
+                    RECV_SIZE, socket.CMSG_SPACE(MAX_PENDING_FDS * fds.itemsize))
+            except (ConnectionResetError, OSError):     # includes the timeouts
                 return None
             for level, kind, cdata in anc:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -160,15 +180,24 @@ class Connection:
             for fd in fds:
                 os.set_inheritable(fd, False)
                 self._fds.append((len(self._buf), fd))
+            if flags & socket.MSG_CTRUNC or len(self._fds) > MAX_PENDING_FDS:
+                # the kernel dropped what did not fit; what did is closed here
+                self._drop_fds()
+                raise VarlinkError(f"{SERVICE_INTERFACE}.InvalidParameter",
+                                   {"parameter": f"more than {MAX_PENDING_FDS} file "
+                                                 "descriptors in flight"})
             if not data:
                 return None
             self._buf += data
 
-    def send(self, obj: dict[str, Any], fds: Iterable[int] = ()) -> None:
-        """Send one message (with fds attached to its first byte)."""
+    def send(self, obj: dict[str, Any], fds: Iterable[int] = (),
+             timeout: float = IDLE_TIMEOUT) -> None:
+        """Send one message (with fds attached to its first byte); a client that reads
+        nothing for *timeout* seconds is given up (TimeoutError, an OSError)."""
         data = json.dumps(obj, separators=(",", ":")).encode() + b"\0"
         fdl = list(fds)
         with self._send_lock:
+            self.sock.settimeout(timeout)
             if fdl:
                 anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fdl).tobytes())]
                 sent = self.sock.sendmsg([data], anc)
@@ -188,6 +217,13 @@ class Call:
     connection: Connection
     fds: list[int] = field(default_factory=list)
     reply_fds: list[int] = field(default_factory=list)
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    def check_cancelled(self) -> None:
+        """CallCancelled when the client went away or the daemon is stopping."""
+        if self.cancel.is_set():
+            raise CallCancelled(f"{self.method} cancelled: the client went away or the "
+                                "daemon is stopping")
 
     @property
     def creds(self) -> PeerCreds:
@@ -348,7 +384,7 @@ class Service:
         try:
             try:
                 msg = json.loads(raw)
-            except (ValueError, UnicodeDecodeError):
+            except (ValueError, UnicodeDecodeError, RecursionError):
                 raise VarlinkError(f"{SERVICE_INTERFACE}.InvalidParameter",
                                    {"parameter": "message is not valid JSON"}) from None
             if not isinstance(msg, dict) or not isinstance(msg.get("method"), str):
@@ -367,11 +403,15 @@ class Service:
             call = Call(msg["method"], msg.get("more", False), msg.get("oneway", False),
                         conn, list(fds))
             fds = []
+            conn.current = call
+            if conn.cancelled:
+                call.cancel.set()
             self._dispatch(call, params)
         except VarlinkError as e:
             if call is None or not call.oneway:
                 conn.send({"error": e.name, "parameters": e.parameters})
         finally:
+            conn.current = None
             for fd in fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
@@ -515,24 +555,50 @@ def bind_unix(path: str, mode: int) -> socket.socket:
 
 
 class Server:
-    """Accept loop over listening sockets; one thread per connection."""
+    """Accept loop over listening sockets; one thread per connection, within the limits."""
 
     def __init__(self, service: Service) -> None:
         self.service = service
         self._conns: set[Connection] = set()
+        self._per_uid: dict[int, int] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
         self._threads: list[threading.Thread] = []
+        self._watcher: threading.Thread | None = None
 
-    def serve_connection(self, sock: socket.socket) -> None:
-        """Serve one connected socket until the peer closes it (in this thread)."""
-        conn = Connection(sock)
+    def _admit(self, conn: Connection) -> str | None:
+        """Count the connection in, or say why it cannot be served now."""
         with self._lock:
             if self._stop.is_set():
-                conn.close()
-                return
+                return "the daemon is stopping"
+            if len(self._conns) >= MAX_CONNECTIONS:
+                return f"too many connections ({MAX_CONNECTIONS})"
+            uid = conn.creds.uid
+            if self._per_uid.get(uid, 0) >= MAX_CONNECTIONS_PER_UID:
+                return f"too many connections of uid {uid} ({MAX_CONNECTIONS_PER_UID})"
             self._conns.add(conn)
+            self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
+        return None
+
+    def _leave(self, conn: Connection) -> None:
+        with self._lock:
+            if conn in self._conns:
+                self._conns.discard(conn)
+                uid = conn.creds.uid
+                self._per_uid[uid] -= 1
+                if not self._per_uid[uid]:
+                    del self._per_uid[uid]
+
+    def serve_connection(self, sock: socket.socket, conn: Connection | None = None) -> None:
+        """Serve one connected socket until the peer closes it (in this thread)."""
+        if conn is None:
+            conn = Connection(sock)
+            refusal = self._admit(conn)
+            if refusal is not None:
+                _refuse(conn, refusal)
+                return
+        self._ensure_watcher()
         try:
             while not conn.closed:
                 try:
@@ -548,18 +614,51 @@ class Server:
                 except OSError:
                     break
         finally:
-            with self._lock:
-                self._conns.discard(conn)
+            self._leave(conn)
             conn.close()
+
+    def _ensure_watcher(self) -> None:
+        with self._lock:
+            if self._watcher is None:
+                self._watcher = threading.Thread(target=self._watch, name="varlink-watch",
+                                                 daemon=True)
+                self._watcher.start()
+
+    def _watch(self) -> None:
+        """Cancel the calls whose client went away (or all, when the daemon stops)."""
+        hangup = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0x2000)
+        while True:
+            stopping = self._stop.wait(WATCH_INTERVAL)
+            with self._lock:
+                busy = [c for c in self._conns if c.current is not None or stopping]
+            for conn in busy:
+                call = conn.current
+                if stopping:
+                    conn.cancelled = True
+                    if call is not None:
+                        call.cancel.set()
+                    continue
+                if call is None or call.cancel.is_set():
+                    continue
+                p = select.poll()
+                try:
+                    p.register(conn.sock.fileno(), hangup)
+                    events = p.poll(0)
+                except (OSError, ValueError):
+                    events = [(0, select.POLLHUP)]
+                if any(ev & hangup for _, ev in events):
+                    call.cancel.set()
+            if stopping:
+                return
 
     def serve(self, listeners: list[socket.socket]) -> None:
         """Accept connections until shutdown() is called."""
-        import selectors
         sel = selectors.DefaultSelector()
         for s in listeners:
             s.setblocking(False)
             sel.register(s, selectors.EVENT_READ)
         sel.register(self._wake_r, selectors.EVENT_READ)
+        backoff = 0.0
         try:
             while not self._stop.is_set():
                 for key, _ in sel.select():
@@ -572,25 +671,57 @@ class Server:
                     except (BlockingIOError, InterruptedError):
                         continue
                     except OSError as e:
-                        log.warning("accept failed: %s", e)
+                        # EMFILE, ENFILE, ENOBUFS...: said once per episode, retried slower
+                        if not backoff:
+                            log.warning("accept failed: %s (backing off)", e)
+                        backoff = min(ACCEPT_BACKOFF_MAX, (backoff or 0.01) * 2)
+                        self._stop.wait(backoff)
                         continue
-                    csock.setblocking(True)
-                    t = threading.Thread(target=self.serve_connection, args=(csock,),
-                                         name="varlink-conn", daemon=True)
-                    t.start()
-                    self._threads = [x for x in self._threads if x.is_alive()] + [t]
+                    if backoff:
+                        log.info("accepting connections again")
+                        backoff = 0.0
+                    self._start(csock)
         finally:
             sel.close()
 
+    def _start(self, csock: socket.socket) -> None:
+        csock.setblocking(True)
+        conn = Connection(csock)
+        refusal = self._admit(conn)
+        if refusal is not None:
+            _refuse(conn, refusal)
+            return
+        t = threading.Thread(target=self.serve_connection, args=(csock, conn),
+                             name="varlink-conn", daemon=True)
+        try:
+            t.start()
+        except RuntimeError as e:           # no thread could be started (pids limit)
+            log.warning("cannot serve a connection: %s", e)
+            self._leave(conn)
+            _refuse(conn, "the daemon cannot start another thread now")
+            return
+        self._threads = [x for x in self._threads if x.is_alive()] + [t]
+
     def shutdown(self, timeout: float = 5.0) -> None:
-        """Stop accepting, close every connection, wait briefly for handlers."""
+        """Stop accepting, cancel running calls, close every connection, wait briefly."""
         self._stop.set()
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
         with self._lock:
             conns = list(self._conns)
         for c in conns:
+            c.cancelled = True
+            if c.current is not None:
+                c.current.cancel.set()
             with contextlib.suppress(OSError):
                 c.sock.shutdown(socket.SHUT_RDWR)
         for t in self._threads:
             t.join(timeout)
+
+
+def _refuse(conn: Connection, why: str) -> None:
+    """Tell a client it cannot be served now (typed error), and close."""
+    with contextlib.suppress(OSError):
+        conn.send({"error": "org.composefs.Repository.Busy", "parameters": {"message": why}},
+                  timeout=1.0)
+    conn.close()

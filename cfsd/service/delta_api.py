@@ -104,7 +104,7 @@ class DeltaMethods:
                                 verify_key=verify_key, concurrency=concurrency,
                                 tls_verify=True if tls_verify is None else tls_verify,
                                 credentials=creds, auth_configs=configs,
-                                opener=auth.CallerOpener(call, delta_fd),
+                                opener=auth.CallerOpener(call, delta_fd), cancel=call.cancel,
                                 worker_context=lambda: auth.as_owner(repo.fd, call.creds))
             with repo.lock.shared(), auth.as_owner(repo.fd, call.creds), _transport_errors():
                 result = yield from apply_delta_reference(repo, delta, opts)

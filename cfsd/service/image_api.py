@@ -11,9 +11,11 @@ changes when everything worked: objects are staged and published together with t
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import stat
+import threading
 from typing import Any
 
 from cfsd.core import fsverity
@@ -48,7 +50,9 @@ from cfsd.service.errors import REPOSITORY
 from cfsd.service.state import Handle
 
 _XATTR_MODES = {m.value for m in XattrFiltering}
-MAX_DUMP = 1 << 30          # a dumpfile read by Mkcomposefs is held in memory
+MAX_DUMP = 256 << 20        # a dumpfile read by Mkcomposefs is held in memory...
+_DUMP_SLOTS = threading.BoundedSemaphore(1)   # ...one at a time, whoever sends them
+_libc = ctypes.CDLL(None)
 
 
 def _spec(message: str) -> VarlinkError:
@@ -89,6 +93,32 @@ def open_source(call: Call, path: str, fd: int | None) -> int:
         raise ScanError(errno.EACCES, path) from None
     except OSError as e:
         raise ScanError(e.errno or errno.EIO, path) from None
+
+
+def _read_dump(call: Call, fd: int, strict: bool) -> FileSystem:
+    """Parse the dumpfile read from *fd*: one dumpfile in memory at a time, bounded, and
+    given back to the system afterwards."""
+    while not _DUMP_SLOTS.acquire(timeout=0.5):
+        call.check_cancelled()
+    try:
+        chunks = []
+        total = 0
+        while True:
+            call.check_cancelled()
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > MAX_DUMP:
+                raise MkcomposefsError(f"dump file larger than {MAX_DUMP >> 20} MiB")
+            chunks.append(chunk)
+        data = b"".join(chunks)
+        del chunks
+        return from_dump(data, strict=strict)
+    finally:
+        data = chunks = b""      # noqa: F841 - drop the buffers before trimming
+        _DUMP_SLOTS.release()
+        _libc.malloc_trim(0)
 
 
 def _has_usr(fd: int) -> bool:
@@ -278,14 +308,7 @@ class ImageMethods:
                                   bool(skip_devices), bool(skip_xattrs), bool(user_xattrs),
                                   bool(hardlinks))
         if inp is not None:
-            chunks = []
-            total = 0
-            while chunk := os.read(inp, 1 << 20):
-                total += len(chunk)
-                if total > MAX_DUMP:
-                    raise MkcomposefsError(f"dump file larger than {MAX_DUMP >> 20} MiB")
-                chunks.append(chunk)
-            fs = from_dump(b"".join(chunks), strict=bool(strict))
+            fs = _read_dump(call, inp, bool(strict))
         else:
             fs = self._mkcomposefs_dir(call, source or f"fd:{source_fd}", source_fd,
                                        digest_store, digest_store_fd, opts)

@@ -31,12 +31,15 @@ def _err(name: str, **params: object) -> VarlinkError:
 
 
 class _FdReader:
-    """Blocking reads from a received file descriptor."""
+    """Blocking reads from a received file descriptor, stopped when the call is cancelled
+    (its client went away, or the daemon is stopping)."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, call: Call) -> None:
         self.fd = fd
+        self.call = call
 
     def read(self, n: int = -1, /) -> bytes:
+        self.call.check_cancelled()
         return os.read(self.fd, n if n > 0 else 1 << 20)
 
 
@@ -102,7 +105,7 @@ class OciAPI(DeltaMethods, OciImageMethods):
             require_writer(call, h, "import layers")
             repo = h.repo
             with repo.lock.shared(), auth.as_owner(repo.fd, call.creds):
-                res = import_layer(repo, _FdReader(call.fds[0]), digest, name)
+                res = import_layer(repo, _FdReader(call.fds[0], call), digest, name)
             return {"verity": res.verity.hex(), "already_present": res.already_present,
                     "stats": res.stats.display()}
 
@@ -178,7 +181,7 @@ class OciAPI(DeltaMethods, OciImageMethods):
             opts = PullOptions(tag=image if name is None else name, platform=platform,
                                tls_verify=True if tls_verify is None else tls_verify,
                                credentials=creds, auth_configs=configs,
-                               opener=auth.CallerOpener(call, image_fd))
+                               opener=auth.CallerOpener(call, image_fd), cancel=call.cancel)
             if concurrency:
                 opts.max_workers = concurrency
             repo = h.repo
