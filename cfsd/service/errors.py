@@ -8,6 +8,7 @@ from cfsd.core.dumpfile import DumpfileError
 from cfsd.core.erofs import ErofsError
 from cfsd.core.errors import (
     AlreadyInitialized,
+    CorruptObject,
     DamagedRepository,
     FormatError,
     InvalidName,
@@ -23,8 +24,9 @@ from cfsd.delta.artifact import DeltaNotApplicable
 from cfsd.delta.signature import SignatureInvalid
 from cfsd.oci.digest import InvalidDigest
 from cfsd.oci.layers import DiffIdMismatch
+from cfsd.oci.pull import Cancelled
 from cfsd.service.auth import CallerPathError, PermissionDenied
-from cfsd.service.binding import VarlinkError
+from cfsd.service.binding import CallCancelled, VarlinkError
 
 REPOSITORY = "org.composefs.Repository"
 OCI = "org.composefs.Oci"
@@ -44,6 +46,10 @@ def map_error(iface: str, e: Exception) -> VarlinkError | None:
         if e.errno in (errno.EIO, errno.ENOMEM, errno.ENOSPC, errno.EDQUOT, errno.EMFILE):
             return err("InternalError", message=str(e))
         return err("InvalidSpec" if iface == REPOSITORY else "InvalidRequest", message=str(e))
+    if isinstance(e, CallCancelled | Cancelled):
+        return err("Cancelled", message=str(e))
+    if isinstance(e, CorruptObject):
+        return err("InvalidData", message=str(e))
     if isinstance(e, CallerPathError):
         # a path the caller named, opened by the caller: the kernel's answer
         if e.errno in (errno.EACCES, errno.EPERM):
