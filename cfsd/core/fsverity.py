@@ -3,7 +3,9 @@
 The digest is the hash of the 256-byte fs-verity descriptor whose root hash is the top of a
 Merkle tree over 4096-byte blocks (storage.md section 1).  Hashing is streaming with
 O(log n) memory; large files are hashed by a small process pool over mmap'd ranges, which
-roughly doubles throughput on two cores (tools.md section 4.2).
+roughly doubles throughput on two cores (tools.md section 4.2).  The daemon itself never
+maps a file (pread): a file truncated under it must not kill it with SIGBUS; a worker that
+dies that way is replaced and the file hashed again, serially.
 """
 
 from __future__ import annotations
@@ -211,6 +213,7 @@ class _Workers:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         self.idle: queue.Queue[subprocess.Popen[bytes]] = queue.Queue()
         self.all = []
+        self.started = False        # a job has completed: the workers can run at all
         for _ in range(n):
             proc = subprocess.Popen(
                 [sys.executable, "-c", "from cfsd.core.fsverity import _worker_main; "
@@ -244,6 +247,7 @@ class _Workers:
                     if len(data) != n:
                         raise OSError("hashing worker died")
                     out.append(data)
+            self.started = True
             return out
         except BaseException:
             broken = True
@@ -265,6 +269,7 @@ class _Workers:
             proc.wait()
 
 
+HASH_CHUNK = 8 << 20
 _pool: _Workers | None = None
 _pool_lock = threading.Lock()
 _pool_broken = False
@@ -319,11 +324,15 @@ def _hash_range(path: str, start: int, end: int, alg_name: str) -> bytes:
 
 def _digest_fd_serial(fd: int, size: int, alg: Algorithm) -> bytes:
     h = FsVerityHasher(alg)
-    if size:
-        with mmap.mmap(fd, size, prot=mmap.PROT_READ) as m, memoryview(m) as mv:
-            step = 8 << 20
-            for off in range(0, size, step):
-                h.update(mv[off:off + step])
+    buf = bytearray(min(HASH_CHUNK, size))
+    mv = memoryview(buf)
+    off = 0
+    while off < size:
+        n = os.preadv(fd, [mv[:min(len(buf), size - off)]], off)
+        if not n:
+            break
+        h.update(mv[:n])
+        off += n
     return h.digest()
 
 
@@ -337,8 +346,9 @@ def digest_fd(fd: int, alg: str | Algorithm = SHA256, *, parallel: bool = True) 
     try:
         return _digest_fd_parallel(fd, size, a)
     except OSError:
-        # A pool that cannot start (odd __main__, resource limits) must not break digests.
-        _pool_broken = True
+        # A worker that died (a file truncated under its mapping) is replaced on the next
+        # call; a pool that cannot start at all (odd __main__, resource limits) is given up.
+        _pool_broken = _pool is None or not _pool.started
         shutdown_pool()
         return _digest_fd_serial(fd, size, a)
 
