@@ -542,14 +542,26 @@ def test_fsck_metadata_epoch_invariants():
         collect_objects(bytes(img2))
 
 
-def test_depth_limit_and_directory_loops():
+def test_depth_limit_and_directory_loops(monkeypatch: pytest.MonkeyPatch):
+    from cfsd.core import tree
+    from cfsd.core.erofs import writer
+    from cfsd.core.errors import TooDeep
     fs = FileSystem(Stat(0o755))
     d = fs.root
-    for _ in range(2100):
+    for _ in range(tree.MAX_DEPTH + 1):
         d = d.entries.setdefault(b"d", Directory(Stat(0o755)))
+    with pytest.raises(TooDeep, match="deeper than"):       # the writer's limit...
+        write_image(fs, 2)
+    monkeypatch.setattr(writer, "MAX_DEPTH", tree.MAX_DEPTH + 1)
     img = write_image(fs, 2)
-    with pytest.raises(ErofsError, match="depth"):
+    with pytest.raises(TooDeep, match="deeper than"):       # ...is the reader's
         erofs_to_filesystem(img)
+    deep = FileSystem(Stat(0o755))
+    d = deep.root
+    for _ in range(tree.MAX_DEPTH):
+        d = d.entries.setdefault(b"d", Directory(Stat(0o755)))
+    img = write_image(deep, 1)
+    assert write_image(erofs_to_filesystem(img), 1) == img
     shallow = FileSystem(Stat(0o755))
     d = shallow.root
     for _ in range(1500):

@@ -216,9 +216,13 @@ def image_repo(world: Path, open_daemon: Daemon, nobody_repo: Path) -> str:
     layout = world / "nobody-layout"
 
     def locked(root: Path) -> None:
-        (root / "usr" / "locked").mkdir()
+        (root / "usr" / "locked" / "inner").mkdir(parents=True)
         (root / "usr" / "locked" / "data").write_bytes(BIG_SECRET)
+        (root / "usr" / "locked" / "inner" / "data2").write_bytes(BIG_SECRET[::-1])
         os.link(root / "usr" / "locked" / "data", root / "usr" / "link")
+        # sorted after "locked": its first copy is written inside the locked directories
+        os.link(root / "usr" / "locked" / "inner" / "data2", root / "usr" / "zlink")
+        (root / "usr" / "locked" / "inner").chmod(0)
         (root / "usr" / "locked").chmod(0)
 
     build_image(layout, "v1", {"etc/b": b"b"}, customize=locked)
@@ -280,6 +284,8 @@ def test_checkout_hardlink_into_mode_0000_directory(world: Path, open_daemon: Da
     assert (out / "usr" / "locked").stat().st_mode & 0o7777 == 0
     assert (out / "usr" / "link").read_bytes() == BIG_SECRET
     assert (out / "usr" / "link").stat().st_nlink == 2
+    assert (out / "usr" / "zlink").read_bytes() == BIG_SECRET[::-1]
+    assert (out / "usr" / "zlink").stat().st_nlink == 2
     assert {(st.st_uid, st.st_gid) for st in (p.lstat() for p in [out, *out.rglob("*")])} \
         == {(NOBODY, NOBODY)}
 

@@ -78,6 +78,23 @@ def test_checkout_matches_reference(shared_daemon: Daemon, pulled: str, layout: 
     assert "user.comment" not in os.listxattr(out / "usr/bin/tool")
 
 
+def test_checkout_to_another_filesystem(shared_daemon: Daemon, pulled: str,
+                                        layout: Path) -> None:
+    """A target on another filesystem (tmpfs) than the repository: no EXDEV, same files."""
+    import shutil
+    import tempfile
+    base = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        assert os.stat(base).st_dev != os.stat(pulled).st_dev
+        out = base / "co"
+        run_cfsctl("--repo", pulled, "oci", "checkout", "img", str(out),
+                   address=shared_daemon.address)
+        problems = compare(reference(layout), scan(out), owners=os.geteuid() == 0)
+        assert not problems, problems
+    finally:
+        shutil.rmtree(base)
+
+
 @pytest.mark.parametrize("mark", [pytest.param(0, marks=other_user_marks)])
 def test_checkout_without_privileges(world: Path, open_daemon: Daemon, layout: Path,
                                      mark: int) -> None:

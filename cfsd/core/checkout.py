@@ -12,6 +12,7 @@ skipped and reported.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from cfsd.core import tree
 from cfsd.core.errors import RepositoryError
 from cfsd.core.repository import Repository
+from cfsd.core.sink import write_all
 
 FICLONE = 0x40049409
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -35,6 +37,7 @@ class CheckoutResult:
     skipped: list[str] = field(default_factory=list)
 
 
+
 def _copy(src: int, dst: int, size: int) -> None:
     try:
         fcntl.ioctl(dst, FICLONE, src)
@@ -43,21 +46,34 @@ def _copy(src: int, dst: int, size: int) -> None:
         pass
     off = 0
     while off < size:
-        n = os.copy_file_range(src, dst, size - off, off, off)
+        try:
+            n = os.copy_file_range(src, dst, size - off, off, off)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            break                       # another filesystem: plain reads and writes
         if n == 0:
             raise RepositoryError("object shorter than its recorded size")
         off += n
+    while off < size:
+        data = os.pread(src, min(size - off, 1 << 20), off)
+        if not data:
+            raise RepositoryError("object shorter than its recorded size")
+        os.lseek(dst, off, os.SEEK_SET)
+        write_all(dst, data)
+        off += len(data)
 
 
 class _Writer:
-    def __init__(self, open_object: Callable[[bytes], int], root_fd: int,
-                 privileged: bool) -> None:
-        self.open_object = open_object
+    def __init__(self, repo: Repository, root_fd: int, privileged: bool,
+                 as_repository: Callable[[], contextlib.AbstractContextManager[None]]) -> None:
+        self.repo = repo
+        self.as_repository = as_repository
         self.root_fd = root_fd
         self.privileged = privileged
         self.result = CheckoutResult()
         self.first: dict[int, bytes] = {}   # id(leaf) -> first path written (relative)
-        self.dirs: list[tuple[bytes, tree.Stat]] = []   # directories, parents first
+        self.dirs: list[tuple[bytes, tree.Stat]] = []   # finished last (post-order)
 
     def skip(self, path: bytes, why: str) -> None:
         self.result.skipped.append(f"{path.decode(errors='replace')}: {why}")
@@ -82,6 +98,19 @@ class _Writer:
         os.utime(name, ns=(sec * 10**9 + st.st_mtim_nsec,) * 2, dir_fd=dfd,
                  follow_symlinks=False)
 
+    def content(self, digest: bytes, fd: int, size: int) -> None:
+        """Fill *fd* with object *digest*: cloned or copied in kernel where fs-verity is
+        enforced, otherwise checked against its name before it is written."""
+        with self.as_repository():
+            if not self.repo.secure:
+                self.repo.copy_object(digest, lambda data: write_all(fd, data))
+                return
+            src = self.repo.open_object(digest)
+        try:
+            _copy(src, fd, size)
+        finally:
+            os.close(src)
+
     def leaf(self, dfd: int, name: bytes, path: bytes, leaf: tree.Leaf) -> None:
         first = self.first.get(id(leaf))
         if first is not None:
@@ -101,11 +130,7 @@ class _Writer:
                 elif t is tree.Sparse:
                     os.ftruncate(fd, c.size)  # type: ignore[union-attr]
                 else:
-                    src = self.open_object(c.id)  # type: ignore[union-attr]
-                    try:
-                        _copy(src, fd, c.size)  # type: ignore[union-attr]
-                    finally:
-                        os.close(src)
+                    self.content(c.id, fd, c.size)  # type: ignore[union-attr]
             finally:
                 os.close(fd)
         elif t is tree.Symlink:
@@ -125,20 +150,39 @@ class _Writer:
         self.first[id(leaf)] = path.lstrip(b"/")
         self.result.entries += 1
 
-    def directory(self, dfd: int, d: tree.Directory, path: bytes) -> None:
-        for name, child in d.sorted_entries():
-            cpath = path + b"/" + name
-            if isinstance(child, tree.Directory):
-                os.mkdir(name, 0o700, dir_fd=dfd)
-                self.dirs.append((cpath.lstrip(b"/"), child.stat))
-                sub = os.open(name, DIR_FLAGS, dir_fd=dfd)
-                try:
-                    self.directory(sub, child, cpath)
-                finally:
-                    os.close(sub)
-                self.result.entries += 1
-            else:
-                self.leaf(dfd, name, cpath, child)
+    def directory(self, root_fd: int, root: tree.Directory) -> None:
+        """Write the tree below *root* (iteratively: depth comes from the image)."""
+        stack = [(os.dup(root_fd), b"", iter(root.sorted_entries()), b"", root.stat)]
+        try:
+            while stack:
+                dfd, path, entries, dname, dstat = stack[-1]
+                item = next(entries, None)
+                if item is None:
+                    os.close(stack.pop()[0])
+                    if stack:
+                        self.finish_directory(stack[-1][0], dname, path, dstat)
+                    continue
+                name, child = item
+                cpath = path + b"/" + name
+                if isinstance(child, tree.Directory):
+                    os.mkdir(name, 0o700, dir_fd=dfd)
+                    self.result.entries += 1
+                    stack.append((os.open(name, DIR_FLAGS, dir_fd=dfd), cpath,
+                                  iter(child.sorted_entries()), name, child.stat))
+                else:
+                    self.leaf(dfd, name, cpath, child)
+        finally:
+            for dfd, *_ in stack:
+                os.close(dfd)
+
+    def finish_directory(self, parent_fd: int, name: bytes, path: bytes,
+                         st: tree.Stat) -> None:
+        """Metadata of a directory whose entries are all written.  One its owner could not
+        search is finished last: a later hardlink may still need to reach into it."""
+        if st.st_mode & 0o100 or self.privileged:
+            self.meta(parent_fd, name, path, st, stat.S_IFDIR)
+        else:
+            self.dirs.append((path.lstrip(b"/"), st))
 
 
 def _open_beneath(root_fd: int, rel: bytes) -> int:
@@ -154,17 +198,19 @@ def _open_beneath(root_fd: int, rel: bytes) -> int:
 
 
 def checkout(repo: Repository, fs: tree.FileSystem, dir_fd: int, *, privileged: bool,
-             open_object: Callable[[bytes], int] | None = None) -> CheckoutResult:
+             as_repository: Callable[[], contextlib.AbstractContextManager[None]]
+             = contextlib.nullcontext) -> CheckoutResult:
     """Write *fs* into the empty directory *dir_fd*; its own metadata becomes the root's.
 
-    *open_object* opens a repository object for reading (default: ``repo.open_object``).
+    Repository objects are opened inside *as_repository* (the daemon's own identity, while
+    the rest runs as the caller).
     """
     if os.listdir(dir_fd):
         raise RepositoryError("checkout target directory is not empty")
-    w = _Writer(open_object or repo.open_object, dir_fd, privileged)
+    w = _Writer(repo, dir_fd, privileged, as_repository)
     try:
-        w.directory(dir_fd, fs.root, b"")
-        for path, st in reversed(w.dirs):     # children before their parents
+        w.directory(dir_fd, fs.root)
+        for path, st in w.dirs:               # in post-order: children before parents
             parent, _, name = path.rpartition(b"/")
             pfd = _open_beneath(dir_fd, parent)
             try:
@@ -172,9 +218,40 @@ def checkout(repo: Repository, fs: tree.FileSystem, dir_fd: int, *, privileged: 
             finally:
                 os.close(pfd)
         w.meta(dir_fd, b".", b"/", fs.root.stat, stat.S_IFDIR)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise RepositoryError(f"checkout: {e.strerror}") from None
+    except BaseException:
+        remove_contents(dir_fd)          # it was empty: leave it so
         raise
     w.result.entries += 1
     return w.result
+
+
+def remove_contents(dir_fd: int) -> None:
+    """Remove everything below the directory *dir_fd* (ours: directories are made
+    searchable first), iteratively, never following a symlink."""
+    stack = [os.dup(dir_fd)]
+    emptied: set[tuple[int, int]] = set()
+    try:
+        while stack:
+            fd = stack[-1]
+            descended = False
+            for entry in os.scandir(fd):
+                if entry.is_dir(follow_symlinks=False):
+                    with contextlib.suppress(OSError):
+                        os.chmod(entry.name, 0o700, dir_fd=fd, follow_symlinks=False)
+                    try:
+                        os.rmdir(entry.name, dir_fd=fd)
+                    except OSError:
+                        st = entry.stat(follow_symlinks=False)
+                        if (st.st_dev, st.st_ino) in emptied:
+                            raise
+                        emptied.add((st.st_dev, st.st_ino))
+                        stack.append(os.open(entry.name, DIR_FLAGS, dir_fd=fd))
+                        descended = True
+                        break
+                else:
+                    os.unlink(entry.name, dir_fd=fd)
+            if not descended:
+                os.close(stack.pop())   # emptied: its parent removes it on the next round
+    finally:
+        for fd in stack:
+            os.close(fd)

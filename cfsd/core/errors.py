@@ -37,3 +37,7 @@ class NotFound(RepositoryError):
 
 class DamagedRepository(RepositoryError):
     """The repository's layout is damaged (a file where a directory belongs...)."""
+
+
+class TooDeep(RepositoryError):
+    """A tree nests deeper than MAX_DEPTH (cfsd.core.tree), which writer and reader share."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -61,6 +62,53 @@ class RWLock:
             with self._cond:
                 self._writer = False
                 self._cond.notify_all()
+
+
+class DirLock:
+    """The locks of one repository directory, shared by every Repository object of this
+    process that opened it: one RWLock and one flocked descriptor.  Separate objects for the
+    same directory (say, opened secure and insecure) therefore never hold shared flocks that
+    would keep this process's own gc from upgrading to exclusive."""
+
+    def __init__(self, fd: int) -> None:
+        self.rw = RWLock()
+        self.fd = fd
+        self.refs = 0
+
+
+_dir_locks: dict[tuple[int, int], DirLock] = {}
+_dir_locks_guard = threading.Lock()
+
+
+def acquire_dir_lock(dir_fd: int) -> DirLock:
+    """The process's DirLock for the directory *dir_fd* (shared flock taken on first use)."""
+    st = os.fstat(dir_fd)
+    key = (st.st_dev, st.st_ino)
+    with _dir_locks_guard:
+        lock = _dir_locks.get(key)
+        if lock is None:
+            fd = os.dup(dir_fd)
+            os.set_inheritable(fd, False)
+            try:
+                flock_shared(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            lock = _dir_locks[key] = DirLock(fd)
+        lock.refs += 1
+        return lock
+
+
+def release_dir_lock(lock: DirLock) -> None:
+    """Drop one reference; the last one closes the descriptor (and with it the flock)."""
+    with _dir_locks_guard:
+        lock.refs -= 1
+        if lock.refs:
+            return
+        st = os.fstat(lock.fd)
+        if _dir_locks.get((st.st_dev, st.st_ino)) is lock:
+            del _dir_locks[(st.st_dev, st.st_ino)]
+        os.close(lock.fd)
 
 
 def flock_shared(fd: int) -> None:

@@ -16,7 +16,7 @@ import secrets
 import stat
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from cfsd.core import fsverity
@@ -30,7 +30,14 @@ from cfsd.core.errors import (
     RepositoryError,
 )
 from cfsd.core.fsverity import Algorithm
-from cfsd.core.locking import RWLock, flock_exclusive, flock_shared
+from cfsd.core.locking import (
+    DirLock,
+    RWLock,
+    acquire_dir_lock,
+    flock_exclusive,
+    flock_shared,
+    release_dir_lock,
+)
 from cfsd.core.metadata import (
     DIR_FLAGS,
     RepoMetadata,
@@ -49,7 +56,19 @@ if TYPE_CHECKING:
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+VERIFY_IN_MEMORY = 64 << 20    # objects up to this size are verified in memory when read
 _absent: int | None = None
+
+
+def _pread_chunks(fd: int, size: int, chunk: int = 1 << 20) -> Iterator[tuple[int, bytes]]:
+    """``(offset, bytes)`` of the first *size* bytes of *fd* (stops early at a short file)."""
+    off = 0
+    while off < size:
+        data = os.pread(fd, min(chunk, size - off), off)
+        if not data:
+            return
+        yield off, data
+        off += len(data)
 
 
 def _absent_dir() -> int:
@@ -109,13 +128,15 @@ def relative_target(link: str, target: str) -> str:
 class Repository:
     """An open repository (holds a shared flock on its directory until closed)."""
 
-    def __init__(self, fd: int, path: str, meta: RepoMetadata, secure: bool) -> None:
+    def __init__(self, fd: int, path: str, meta: RepoMetadata, secure: bool,
+                 dir_lock: DirLock) -> None:
         self.fd = fd
         self.path = path
         self.meta = meta
         self.alg: Algorithm = meta.algorithm
         self.secure = secure
-        self.lock = RWLock()
+        self._dir_lock = dir_lock
+        self.lock: RWLock = dir_lock.rw
         self._objects_fd: int | None = None
         self._init_lock = threading.Lock()
         self._verified: set[bytes] = set()
@@ -136,7 +157,11 @@ class Repository:
         fd = os.dup(dir_fd)
         try:
             os.set_inheritable(fd, False)
-            flock_shared(fd)
+            dir_lock = acquire_dir_lock(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
             meta, secure = read_meta(fd)
             if meta is None:
                 if not upgrade and not legacy_read:
@@ -151,8 +176,9 @@ class Repository:
                 secure = False
             if require_verity and not secure:
                 raise RepositoryError(f"repository {path} does not have fs-verity enabled")
-            return cls(fd, path, meta, secure)
+            return cls(fd, path, meta, secure, dir_lock)
         except BaseException:
+            release_dir_lock(dir_lock)
             os.close(fd)
             raise
 
@@ -217,6 +243,7 @@ class Repository:
             os.close(self._objects_fd)
             self._objects_fd = None
         os.close(self.fd)
+        release_dir_lock(self._dir_lock)
 
     def __enter__(self) -> Repository:
         return self
@@ -330,6 +357,42 @@ class Repository:
                 raise CorruptObject(f"object {digest.hex()}: fs-verity "
                                     f"{'missing' if measured is None else 'mismatch'}")
         return fd
+
+    def copy_object(self, digest: bytes, write: Callable[[bytes | memoryview], None]) -> int:
+        """Hand the content of object *digest* to *write*; returns its size.
+
+        Where the kernel enforces fs-verity (a secure repository) the content is streamed.
+        Otherwise it is checked against its name before any of it reaches *write*, in one
+        read: small objects in memory, large ones through a private temporary copy (the
+        repository's owner could change the object between two reads).  A mismatch raises
+        CorruptObject.
+        """
+        fd = self.open_object(digest)
+        try:
+            size = os.fstat(fd).st_size
+            if self.secure:
+                for _, chunk in _pread_chunks(fd, size):
+                    write(chunk)
+                return size
+            if size <= VERIFY_IN_MEMORY:
+                data = b"".join(c for _, c in _pread_chunks(fd, size))
+                if len(data) != size or fsverity.digest(data, self.alg) != digest:
+                    raise CorruptObject(f"object {digest.hex()} does not match its name")
+                write(data)
+                return size
+            h = fsverity.FsVerityHasher(self.alg)
+            with tempfile.TemporaryFile() as tmp:
+                for _, chunk in _pread_chunks(fd, size):
+                    h.update(chunk)
+                    tmp.write(chunk)
+                if h.digest() != digest or tmp.tell() != size:
+                    raise CorruptObject(f"object {digest.hex()} does not match its name")
+                tfd = tmp.fileno()
+                for _, chunk in _pread_chunks(tfd, size):
+                    write(chunk)
+            return size
+        finally:
+            os.close(fd)
 
     def read_object(self, digest: bytes, limit: int = 64 << 20) -> bytes:
         """Whole content of a (small) object, verified against its digest."""
@@ -649,8 +712,8 @@ def _walk_links(fd: int, prefix: str, out: list[tuple[str, str]]) -> None:
 def exclusive(repo: Repository, timeout: float = 30.0) -> Iterator[None]:
     """Hold the repository exclusively (in-process RWLock, then the flock upgraded)."""
     with repo.lock.exclusive(timeout=timeout):
-        flock_exclusive(repo.fd, timeout)
+        flock_exclusive(repo._dir_lock.fd, timeout)
         try:
             yield
         finally:
-            flock_shared(repo.fd)
+            flock_shared(repo._dir_lock.fd)

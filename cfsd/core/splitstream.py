@@ -332,19 +332,16 @@ class SplitStreamReader:
         except zstandard.ZstdError as e:
             raise FormatError(f"splitstream data is corrupt: {e}") from None
 
-    def cat(self, repo: Repository, out_fd: int) -> int:
-        """Write the reassembled stream to *out_fd*; returns the number of bytes."""
+    def cat(self, repo: Repository, write: Callable[[bytes | memoryview], None]) -> int:
+        """Hand the reassembled stream to *write* (objects checked against their names
+        where the kernel does not enforce fs-verity); returns the number of bytes."""
         total = 0
         for external, data in self.chunks():
             if not external:
-                _write_all(out_fd, data)
+                write(data)
                 total += len(data)
                 continue
-            ofd = repo.open_object(data)
-            try:
-                total += _copy_fd(ofd, out_fd)
-            finally:
-                os.close(ofd)
+            total += repo.copy_object(data, write)
         return total
 
     def close(self) -> None:
@@ -386,33 +383,3 @@ def _decompress_all(src: RangeReader, limit: int) -> bytes:
     except zstandard.ZstdError as e:
         raise FormatError(f"splitstream data is corrupt: {e}") from None
     return bytes(out)
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    mv = memoryview(data)
-    while mv:
-        n = os.write(fd, mv)
-        mv = mv[n:]
-
-
-def _copy_fd(src: int, dst: int) -> int:
-    """Copy a whole file to *dst* (sendfile when possible)."""
-    size = os.fstat(src).st_size
-    off = 0
-    try:
-        while off < size:
-            n = os.sendfile(dst, src, off, min(size - off, 1 << 30))
-            if n == 0:
-                raise FormatError("object shrank while reading")
-            off += n
-        return off
-    except OSError as e:
-        if off or e.errno not in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP
-            raise
-    while off < size:
-        data = os.pread(src, min(size - off, CHUNK), off)
-        if not data:
-            raise FormatError("object shrank while reading")
-        _write_all(dst, data)
-        off += len(data)
-    return off

@@ -41,6 +41,12 @@ S_IFIFO = 0o010000
 # --------------------------------------------------------------------------- errors
 
 
+
+# How deep a tree may nest: the writer refuses deeper trees and the reader deeper images, so
+# cfsd reads every image it writes (composefs-rs reads 2047 levels; checkouts, dumps and
+# every walk here are iterative, so depth costs no recursion).
+MAX_DEPTH = 8192
+
 class TreeError(ValueError):
     """A tree operation failed (lookup, merge, validation)."""
 
@@ -346,6 +352,18 @@ class FileSystem:
                     break
             else:
                 stack.pop()
+
+    def depth(self) -> int:
+        """Nesting of the deepest directory (the root alone: 0), computed iteratively."""
+        deepest = 0
+        stack = [(self.root, 0)]
+        while stack:
+            d, level = stack.pop()
+            deepest = max(deepest, level)
+            for child in d.entries.values():
+                if type(child) is Directory:
+                    stack.append((child, level + 1))
+        return deepest
 
     def directories(self) -> Iterator[Directory]:
         """Every directory (root first; order unspecified otherwise)."""

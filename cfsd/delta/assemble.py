@@ -29,6 +29,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
+from cfsd.core.sink import write_all
 from cfsd.delta.artifact import (
     ANN_CONTENT,
     ANN_REUSED,
@@ -153,11 +154,6 @@ def tar_header(name: str, size: int, directory: bool = False) -> bytes:
     return bytes(h)
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    mv = memoryview(data)
-    while mv:
-        mv = mv[os.write(fd, mv):]
-
 
 def copy_fd(src: int, dst: int, size: int) -> None:
     """Copy *size* bytes from the start of *src* to the current position of *dst*."""
@@ -176,7 +172,7 @@ def copy_fd(src: int, dst: int, size: int) -> None:
         data = os.pread(src, min(COPY_CHUNK, size - offset), offset)
         if not data:
             raise OSError(errno.EIO, "temporary blob file is shorter than expected")
-        _write_all(dst, data)
+        write_all(dst, data)
         offset += len(data)
 
 
@@ -190,7 +186,7 @@ class ArchiveWriter:
         self._dirs = False
 
     def _raw(self, data: bytes) -> None:
-        _write_all(self.fd, data)
+        write_all(self.fd, data)
         self.size += len(data)
 
     def _pad(self, n: int) -> None:

@@ -16,10 +16,12 @@ from cfsd.core.errors import (
     NotWritable,
     RepoNotFound,
     RepositoryError,
+    TooDeep,
 )
 from cfsd.core.fsread import ScanError
 from cfsd.core.mkcomposefs import MkcomposefsError
 from cfsd.core.mount import MountError
+from cfsd.core.sink import OutputStalled
 from cfsd.delta.artifact import DeltaNotApplicable
 from cfsd.delta.signature import SignatureInvalid
 from cfsd.oci.digest import InvalidDigest
@@ -43,10 +45,12 @@ def map_error(iface: str, e: Exception) -> VarlinkError | None:
             return err("PermissionDenied", message=str(e))
         if e.errno is None:
             return err("InvalidData", message=str(e))
-        if e.errno in (errno.EIO, errno.ENOMEM, errno.ENOSPC, errno.EDQUOT, errno.EMFILE):
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return err("NoSpace", message=str(e))
+        if e.errno in (errno.EIO, errno.ENOMEM, errno.EMFILE):
             return err("InternalError", message=str(e))
         return err("InvalidSpec" if iface == REPOSITORY else "InvalidRequest", message=str(e))
-    if isinstance(e, CallCancelled | Cancelled):
+    if isinstance(e, CallCancelled | Cancelled | OutputStalled):
         return err("Cancelled", message=str(e))
     if isinstance(e, CorruptObject):
         return err("InvalidData", message=str(e))
@@ -91,6 +95,16 @@ def map_error(iface: str, e: Exception) -> VarlinkError | None:
         return err("Busy", message=str(e) or "repository is busy")
     if isinstance(e, AlreadyInitialized | NotWritable | RepositoryError):
         return err("InternalError", message=str(e))
+    if isinstance(e, TooDeep):
+        return err("TooDeep", message=str(e))
+    if isinstance(e, RecursionError):
+        return err("TooDeep", message="the tree nests too deeply")
     if isinstance(e, OSError):
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return err("NoSpace", message=str(e))
+        if e.errno == errno.EXDEV:
+            return err("CrossDevice", message=str(e))
+        if e.errno in (errno.EACCES, errno.EPERM):
+            return err("PermissionDenied", message=str(e))
         return err("InternalError", message=f"{e.strerror or e}")
     return None

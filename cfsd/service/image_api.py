@@ -34,6 +34,7 @@ from cfsd.core.mkcomposefs import (
     from_dump,
 )
 from cfsd.core.repository import validate_ref_name
+from cfsd.core.sink import write_all
 from cfsd.core.tree import (
     Directory,
     External,
@@ -127,11 +128,6 @@ def _has_usr(fd: int) -> bool:
     except OSError:
         return False
 
-
-def _write_all(fd: int, data: bytes) -> None:
-    mv = memoryview(data)
-    while mv:
-        mv = mv[os.write(fd, mv[:1 << 20]):]
 
 
 class ImageMethods:
@@ -262,7 +258,7 @@ class ImageMethods:
                                          self._open_tree(call, path, options, path_fd)))
         out = auth.CallerFiles(call).passed(0 if output_fd is None else output_fd, "output_fd")
         try:
-            _write_all(out, data)
+            write_all(out, data)
         finally:
             os.close(out)
         return {"size": len(data)}
@@ -314,7 +310,7 @@ class ImageMethods:
                                        digest_store, digest_store_fd, opts)
         image, version = build_image(fs, opts)
         if out is not None:
-            _write_all(out, image)
+            write_all(out, image)
         return {"digest": fsverity.digest(image, fsverity.SHA256).hex(), "size": len(image),
                 "version": version}
 

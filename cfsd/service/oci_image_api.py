@@ -13,6 +13,7 @@ from cfsd.core.erofs import write_image
 from cfsd.core.errors import NotFound
 from cfsd.core.mount import composefs_mount
 from cfsd.core.repository import Repository
+from cfsd.core.sink import write_all
 from cfsd.core.splitstream import TAR_LAYER
 from cfsd.core.tar import layer_entries
 from cfsd.oci import image as oci_image
@@ -31,11 +32,6 @@ XATTR_MODES = {None: "allowlist-only", "AllowlistOnly": "allowlist-only",
 def _err(name: str, **params: object) -> VarlinkError:
     return VarlinkError(f"{OCI}.{name}", params)
 
-
-def _write_all(fd: int, data: bytes) -> None:
-    mv = memoryview(data)
-    while mv:
-        mv = mv[os.write(fd, mv):]
 
 
 def _open(repo: Repository, image: str, verity: str | None = None) -> oci_image.OciImage:
@@ -89,7 +85,7 @@ class OciImageMethods:
             with repo.lock.shared():
                 fs = create_filesystem(repo, _open(repo, image), xattrs=XATTR_MODES[xattrs])
             data = write_dumpfile(fs)
-            _write_all(out, data)
+            write_all(out, data)
             return {"size": len(data)}
 
     def LayerInfo(self, call: Call, handle: int, diff_id: str) -> dict[str, Any]:  # noqa: N802
@@ -133,7 +129,7 @@ class OciImageMethods:
                         line = hardlink_line(path, item.target)
                     else:
                         line = leaf_line(path, st, item, 1)
-                    _write_all(out, line)
+                    write_all(out, line)
                     n += 1
             return {"entries": n}
 
@@ -168,14 +164,10 @@ class OciImageMethods:
                 dfd = auth.CallerFiles(call).directory(directory, directory_fd,
                                                        what="directory", create=True)
 
-                def open_object(digest: bytes) -> int:
-                    with identity.as_daemon():
-                        return repo.open_object(digest)
-
                 try:
                     with auth.as_caller(call.creds):
                         res = checkout(repo, fs, dfd, privileged=call.creds.uid == 0,
-                                       open_object=open_object)
+                                       as_repository=identity.as_daemon)
                 finally:
                     os.close(dfd)
             return {"entries": res.entries, "skipped": res.skipped}

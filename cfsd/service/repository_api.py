@@ -13,6 +13,7 @@ from cfsd.core.gc import gc, image_objects
 from cfsd.core.metadata import exists, read_meta
 from cfsd.core.metadata import reset_metadata as drop_metadata
 from cfsd.core.repository import Repository
+from cfsd.core.sink import Sink
 from cfsd.service import auth
 from cfsd.service.binding import Call, VarlinkError
 from cfsd.service.errors import REPOSITORY
@@ -204,8 +205,8 @@ class RepositoryAPI(ImageMethods):
                     reader = repo.open_stream(name)
                 except NotFound:
                     raise VarlinkError(f"{REPOSITORY}.NoSuchRef", {"reference": name}) from None
-                with reader:
-                    size = reader.cat(repo, out)
+                with reader, Sink(out, call.check_cancelled) as sink:
+                    size = reader.cat(repo, sink.write)
             return {"size": size}
 
     def Describe(self, call: Call, handle: int) -> dict[str, Any]:  # noqa: N802

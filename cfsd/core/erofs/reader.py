@@ -16,7 +16,9 @@ import struct
 
 from cfsd.core.erofs import format as F
 from cfsd.core.erofs.format import ErofsError
+from cfsd.core.errors import TooDeep
 from cfsd.core.tree import (
+    MAX_DEPTH,
     BlockDevice,
     CharacterDevice,
     Directory,
@@ -37,7 +39,6 @@ __all__ = ["ErofsError", "Image", "Inode", "collect_objects", "erofs_to_filesyst
 
 MAX_INLINE_CONTENT = 512
 SYMLINK_MAX = 1024
-MAX_DIRECTORY_DEPTH = 4096 // 2
 _unpack_compact = F.COMPACT_INODE.unpack_from
 _unpack_extended = F.EXTENDED_INODE.unpack_from
 _unpack_dirent = F.DIRENT.unpack_from
@@ -580,8 +581,8 @@ def _erofs_to_filesystem(image: bytes, size: int | None) -> FileSystem:
     stack: list[list] = []
 
     def enter(nid: int, parent: int, ino: Inode, d: Directory, depth: int) -> None:
-        if depth >= MAX_DIRECTORY_DEPTH:
-            raise ErofsError("Maximum directory depth exceeded")
+        if depth > MAX_DEPTH:
+            raise TooDeep(f"the image nests deeper than {MAX_DEPTH} directories")
         dot = dotdot = None
         children = []
         for name, cnid, _ft in img.dir_entries(ino):

@@ -15,7 +15,9 @@ from collections import Counter, deque
 from cfsd.core.erofs import format as F
 from cfsd.core.erofs.format import ErofsError
 from cfsd.core.erofs.layout import Ino, emit_image
+from cfsd.core.errors import TooDeep
 from cfsd.core.tree import (
+    MAX_DEPTH,
     BlockDevice,
     CharacterDevice,
     Directory,
@@ -76,6 +78,8 @@ def validate_filesystem(fs: FileSystem) -> None:
         fs.fsck()
     except TreeError as e:
         raise ErofsError(f"invalid composefs filesystem: {e}") from e
+    if fs.depth() > MAX_DEPTH:
+        raise TooDeep(f"the tree nests deeper than {MAX_DEPTH} directories")
     for leaf, n in fs.nlinks().items():
         if n > 1 and type(leaf.content) is CharacterDevice and leaf.content.rdev == 0:
             raise ErofsError("invalid composefs filesystem: whiteout inode has nlink > 1")
@@ -137,6 +141,8 @@ class _Collector:
             d, it = stack[-1]
             for _name, child in it:
                 if type(child) is Directory:
+                    if len(stack) > MAX_DEPTH:
+                        raise TooDeep(f"the tree nests deeper than {MAX_DEPTH} directories")
                     stack.append((child, iter(self._entries(child))))
                     break
                 c = get(child)  # type: ignore[arg-type]
