@@ -5,6 +5,7 @@ memory are back within bounds, the repository is unchanged and the caller got a 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import io
@@ -489,3 +490,32 @@ def test_stalled_reader_does_not_keep_gc_out(world: Path, hostile: tuple[Daemon,
     staller.close()
     held.close()
     assert layer in os.listdir(repo / "streams")
+
+
+PIDS_CGROUP = Path("/sys/fs/cgroup/pids")
+
+
+def test_thread_limit_never_kills_the_daemon(world: Path) -> None:
+    """Under a pids limit (as with TasksMax=), connections past what threads allow are
+    refused with Busy; the daemon keeps serving."""
+    sockdir = world / "pids-sock"
+    sockdir.mkdir()
+    sockdir.chmod(0o755)
+    d = Daemon(sockdir, "--socket-mode", "0666")
+    group = PIDS_CGROUP / f"cfsd-test-{os.getpid()}"
+    group.mkdir()
+    try:
+        threads = status(d, "Threads") // 1024        # a count, not kB
+        (group / "pids.max").write_text(str(threads + 12))
+        (group / "cgroup.procs").write_text(str(d.proc.pid))
+        r = attack(world, d, CONN_FLOOD)
+        assert r["ok"] and r["busy"] >= 300 - 12, r
+        assert b"cannot serve a connection" in d.log.read_bytes()
+        (PIDS_CGROUP / "cgroup.procs").write_text(str(d.proc.pid))
+        assert d.alive() and serves_within_a_second(d)
+    finally:
+        if d.alive():
+            with contextlib.suppress(OSError):
+                (PIDS_CGROUP / "cgroup.procs").write_text(str(d.proc.pid))
+        d.stop()
+        group.rmdir()
