@@ -18,6 +18,8 @@ from cfsd.core.splitstream import TAR_LAYER
 from cfsd.core.tar import TarEntry, TarError, layer_entries
 from cfsd.oci.image import OciImage
 
+EMPTY = tree.Inline(b"")        # every empty file's content (contents are immutable)
+MAX_SHARED_STATS = 1 << 16      # distinct stats remembered for sharing
 
 def make_absolute_path(path: bytes) -> bytes:
     """Strip one leading '/', prepend '/', strip trailing '/'s; the root becomes b""."""
@@ -26,14 +28,26 @@ def make_absolute_path(path: bytes) -> bytes:
     return (b"/" + path).rstrip(b"/")
 
 
-def entry_stat(e: TarEntry) -> tree.Stat:
-    """Tree stat of a tar entry (mode as in the header, ids truncated to 32 bits)."""
+def entry_stat(e: TarEntry, shared: dict[tuple, tree.Stat] | None = None) -> tree.Stat:
+    """Tree stat of a tar entry (mode as in the header, ids truncated to 32 bits).
+
+    With *shared*, equal stats are one object (stats are never changed in place, only
+    replaced): a layer of a million files shares a handful of them.
+    """
     xattrs: dict[bytes, bytes] = {}
     for k, v in e.xattrs:
         xattrs[k] = v
-    return tree.Stat(e.mode, e.uid & 0xFFFFFFFF, e.gid & 0xFFFFFFFF,
-                     e.mtime if e.mtime < 1 << 63 else e.mtime - (1 << 64), e.mtime_nsec,
-                     dict(sorted(xattrs.items())))
+    items = tuple(sorted(xattrs.items()))
+    mtime = e.mtime if e.mtime < 1 << 63 else e.mtime - (1 << 64)
+    key = (e.mode, e.uid & 0xFFFFFFFF, e.gid & 0xFFFFFFFF, mtime, e.mtime_nsec, items)
+    if shared is not None:
+        st = shared.get(key)
+        if st is not None:
+            return st
+    st = tree.Stat(key[0], key[1], key[2], mtime, e.mtime_nsec, dict(items))
+    if shared is not None and len(shared) < MAX_SHARED_STATS:
+        shared[key] = st
+    return st
 
 
 def entry_item(e: TarEntry, content: bytes | tuple[bytes, int]) -> tree.LayerItem:
@@ -44,7 +58,7 @@ def entry_item(e: TarEntry, content: bytes | tuple[bytes, int]) -> tree.LayerIte
     if t in (0x30, 0, 0x37):
         if isinstance(content, tuple):
             return tree.External(content[0], content[1])
-        return tree.Inline(content)
+        return tree.Inline(content) if content else EMPTY
     if t == 0x31:
         if not e.link_target:
             raise TarError(f"{e.path!r}: hardlink without a target")
@@ -62,7 +76,8 @@ def entry_item(e: TarEntry, content: bytes | tuple[bytes, int]) -> tree.LayerIte
 
 
 def apply_layer(fs: tree.FileSystem, repo: Repository, verity: bytes,
-                diff_id: str | None = None) -> None:
+                diff_id: str | None = None,
+                shared: dict[tuple, tree.Stat] | None = None) -> None:
     """Apply one layer splitstream; with *diff_id* its reassembled tar is re-hashed first."""
     if diff_id is not None:
         alg, _, hx = diff_id.partition(":")
@@ -84,7 +99,8 @@ def apply_layer(fs: tree.FileSystem, repo: Repository, verity: bytes,
         for entry, content in layer_entries(r.chunks()):
             path = make_absolute_path(entry.path)
             try:
-                tree.apply_layer_entry(fs, path, entry_stat(entry), entry_item(entry, content))
+                tree.apply_layer_entry(fs, path, entry_stat(entry, shared),
+                                       entry_item(entry, content))
             except tree.TreeError as e:
                 raise FormatError(f"layer entry {entry.path!r}: {e}") from None
 
@@ -96,12 +112,13 @@ def create_filesystem(repo: Repository, img: OciImage, *, verify: bool = False,
     if not img.is_container:
         raise FormatError("artifacts have no filesystem")
     fs = tree.FileSystem()
+    shared: dict[tuple, tree.Stat] = {}
     with tree.paused_gc():
         for diff_id in img.layer_order():
             verity = img.layer_refs.get(diff_id)
             if verity is None:
                 raise FormatError(f"config has no layer ref for {diff_id}")
-            apply_layer(fs, repo, verity, diff_id if verify else None)
+            apply_layer(fs, repo, verity, diff_id if verify else None, shared)
         if transform:
             try:
                 tree.transform_for_oci(fs, xattrs)

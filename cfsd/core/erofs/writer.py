@@ -308,6 +308,7 @@ class _Collector:
                 if v1:
                     self.add_xattr(dino, F.XATTR_OVERLAY_OPAQUE, b"x", True)
                     self.add_xattr(dino, F.XATTR_USERXATTR_OPAQUE, b"x", True)
+            self.sorted.pop(id(d), None)     # last use: the list goes with the walk
             records.append((me, ents))
         for me, ents in records:
             if deferred:
@@ -324,6 +325,7 @@ class _Collector:
         inodes = self.inodes
         me = self._push(root.stat, F.FT_DIR, None).idx
         stack = [(me, iter(self._entries(root)), [(b".", me, F.FT_DIR), (b"..", me, F.FT_DIR)])]
+        self.sorted.clear()                 # last use: each list lives as long as its walk
         while stack:
             me, it, ents = stack[-1]
             for name, child in it:
@@ -332,6 +334,7 @@ class _Collector:
                     ents.append((name, cidx, F.FT_DIR))
                     stack.append((cidx, iter(self._entries(child)),
                                   [(b".", cidx, F.FT_DIR), (b"..", me, F.FT_DIR)]))
+                    self.sorted.pop(id(child), None)
                     break
                 cidx = self.collect_leaf(child)  # type: ignore[arg-type]
                 ents.append((name, cidx, inodes[cidx].ft))
