@@ -27,6 +27,7 @@ import selectors
 import socket
 import struct
 import threading
+import time
 import traceback
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
@@ -566,6 +567,7 @@ class Server:
         self._wake_r, self._wake_w = os.pipe()
         self._threads: list[threading.Thread] = []
         self._watcher: threading.Thread | None = None
+        self._last_active = time.monotonic()
 
     def _admit(self, conn: Connection) -> str | None:
         """Count the connection in, or say why it cannot be served now."""
@@ -589,6 +591,7 @@ class Server:
                 self._per_uid[uid] -= 1
                 if not self._per_uid[uid]:
                     del self._per_uid[uid]
+                self._last_active = time.monotonic()
 
     def serve_connection(self, sock: socket.socket, conn: Connection | None = None) -> None:
         """Serve one connected socket until the peer closes it (in this thread)."""
@@ -651,8 +654,21 @@ class Server:
             if stopping:
                 return
 
-    def serve(self, listeners: list[socket.socket]) -> None:
-        """Accept connections until shutdown() is called."""
+    def start_connection(self, sock: socket.socket) -> None:
+        """Serve an already connected socket in a thread of its own (within the limits)."""
+        self._start(sock)
+
+    def wait_connections(self) -> None:
+        """Return when every connection has closed (or shutdown() was called)."""
+        while not self._stop.is_set():
+            with self._lock:
+                if not self._conns:
+                    return
+            self._stop.wait(0.2)
+
+    def serve(self, listeners: list[socket.socket], exit_idle: float | None = None) -> None:
+        """Accept connections until shutdown() is called (or, with *exit_idle*, until no
+        connection has been open for that many seconds)."""
         sel = selectors.DefaultSelector()
         for s in listeners:
             s.setblocking(False)
@@ -661,7 +677,15 @@ class Server:
         backoff = 0.0
         try:
             while not self._stop.is_set():
-                for key, _ in sel.select():
+                ready = sel.select(None if exit_idle is None else min(exit_idle, 1.0))
+                if exit_idle is not None and not ready:
+                    with self._lock:
+                        idle = not self._conns and \
+                            time.monotonic() - self._last_active >= exit_idle
+                    if idle:
+                        log.info("no connections for %.0f s: exiting", exit_idle)
+                        return
+                for key, _ in ready:
                     if key.fileobj == self._wake_r:
                         continue
                     lsock = key.fileobj

@@ -72,9 +72,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="refuse repositories without fs-verity")
     p.add_argument("--no-upgrade", action="store_true",
                    help="do not upgrade repositories without meta.json")
+    p.add_argument("--exit-idle", type=float, default=None, metavar="SECONDS",
+                   help="exit after SECONDS without connections (socket activation starts "
+                        "the daemon again on the next one)")
     p.add_argument("--log-level", default=os.environ.get("CFSD_LOG_LEVEL", "info"))
     p.add_argument("--version", action="version", version=f"cfsd {__version__}")
     return p.parse_args(argv)
+
+
+def stdin_connection() -> socket.socket | None:
+    """Standard input, when it is a connected stream socket (inetd-style activation)."""
+    try:
+        sock = socket.socket(fileno=os.dup(0))
+    except OSError:
+        return None
+    try:
+        if (sock.family == socket.AF_UNIX and sock.type == socket.SOCK_STREAM
+                and not is_listening(sock)):
+            sock.getpeername()
+            return sock
+    except OSError:
+        pass
+    sock.close()
+    return None
 
 
 def _raise_fd_limit() -> None:
@@ -115,11 +135,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     listeners: list[socket.socket] = []
+    connected: list[socket.socket] = []
     for s in listen_fds():
-        if is_listening(s):
-            listeners.append(s)
-        else:
-            threading.Thread(target=server.serve_connection, args=(s,), daemon=True).start()
+        (listeners if is_listening(s) else connected).append(s)
+    if not listeners and not connected and not args.address:
+        stdin = stdin_connection()
+        if stdin is not None:
+            connected.append(stdin)
     if args.address:
         path = args.address.removeprefix("unix:")
         mode = args.socket_mode if args.socket_mode is not None else (
@@ -130,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             log.error("cannot listen on %s: %s", path, e)
             return 1
         log.info("listening on unix:%s", path)
-    if not listeners:
-        log.error("no --address given and not socket-activated")
+    if not listeners and not connected:
+        log.error("no --address given, not socket-activated and stdin is not a connection")
         return 2
 
     def stop(signum: int, _frame: FrameType | None) -> None:
@@ -141,7 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        server.serve(listeners)
+        for s in connected:          # Accept=yes, varlinkctl exec:, inetd style
+            server.start_connection(s)
+        if listeners:
+            server.serve(listeners, exit_idle=args.exit_idle)
+        else:
+            server.wait_connections()
     finally:
         for s in listeners:
             s.close()
