@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from typing import Any
 
@@ -93,7 +94,12 @@ class Context:
         return self._handle
 
     def close(self) -> None:
-        """Drop the connection (handles die with it)."""
+        """Release the handle and drop the connection."""
         if self._client is not None:
+            if self._handle is not None:
+                with contextlib.suppress(Exception):
+                    self._client.call("org.composefs.Repository.CloseRepository",
+                                      {"handle": self._handle})
+                self._handle = None
             self._client.close()
             self._client = None

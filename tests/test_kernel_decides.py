@@ -516,3 +516,21 @@ def test_interpreter_unreadable_to_the_caller(world: Path, open_daemon: Daemon) 
         registry.stop()
     assert open_daemon.alive()
     assert b"Traceback" not in open_daemon.log.read_bytes()
+
+
+def test_handles_belong_to_their_user(world: Path, open_daemon: Daemon,
+                                      owner_repos: dict[str, Path]) -> None:
+    """A handle outlives its connection for its own user; another uid is refused it."""
+    from tests.varlink_raw import Raw
+    repo = owner_repos["populated"]
+    c = Raw(open_daemon.sock)
+    h = c.call(R + "OpenRepository", {"path": str(repo)})["parameters"]["handle"]
+    c.close()
+    (r,) = raw(world, open_daemon, [[R + "Fsck", {"handle": h}]])
+    assert errname(r) == "InvalidHandle", r
+    (r,) = raw(world, open_daemon, [[R + "Fsck", {"handle": h}]], uid=0)
+    assert "error" not in r, r
+    mine = raw(world, open_daemon, [[R + "OpenRepository", {"path": str(repo)}]])[0]
+    hn = mine["parameters"]["handle"]
+    (r,) = raw(world, open_daemon, [[OCI + "ListImages", {"handle": hn}]])
+    assert "error" not in r, r       # nobody's own handle, from a new connection

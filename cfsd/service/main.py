@@ -72,6 +72,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="refuse repositories without fs-verity")
     p.add_argument("--no-upgrade", action="store_true",
                    help="do not upgrade repositories without meta.json")
+    p.add_argument("--handle-idle", type=float, default=600.0, metavar="SECONDS",
+                   help="release a repository handle after SECONDS without a call "
+                        "(default 600)")
+    p.add_argument("--handles-per-uid", type=int, default=64, metavar="N",
+                   help="open handles one user may hold; the longest idle goes first "
+                        "(default 64)")
     p.add_argument("--exit-idle", type=float, default=None, metavar="SECONDS",
                    help="exit after SECONDS without connections (socket activation starts "
                         "the daemon again on the next one)")
@@ -117,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     fsverity.spawn_context = identity.as_daemon
     if args.connection_fd is None:
         auth.start_opener()     # a private daemon serves only the cfsctl that passes its fds
-    state = State(Defaults(args.insecure, args.require_verity, args.no_upgrade))
+    state = State(Defaults(args.insecure, args.require_verity, args.no_upgrade,
+                           handle_idle=args.handle_idle,
+                           handles_per_uid=args.handles_per_uid))
     try:
         service = build_service(state)
     except (OSError, SyntaxError) as e:

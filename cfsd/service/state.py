@@ -1,8 +1,11 @@
 """Daemon state: repository handles and the repositories they share.
 
-Handles are small integers (from 1, never reused).  A handle is usable by connections of the
-user that opened it and is released when the connection that opened it closes.  Handles to
-the same directory share one Repository object (one fd, one flock, one in-process lock).
+Handles are small integers (from 1, never reused), service-wide: any connection of the user
+that opened one may use it (root may use any), so one call per connection works (varlinkctl,
+``python -m varlink.cli``).  A handle is released by CloseRepository, after
+``Defaults.handle_idle`` seconds without a call (never while a call uses it), or when its
+user opens more than ``Defaults.handles_per_uid`` (the longest idle goes first).  Handles to
+the same directory share one Repository object (one fd, one in-process lock).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import itertools
 import os
 import pwd
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -30,6 +34,8 @@ class Defaults:
     insecure: bool = False
     require_verity: bool = False
     no_upgrade: bool = False
+    handle_idle: float = 600.0          # seconds without a call before a handle is released
+    handles_per_uid: int = 64           # open handles one user may hold
 
 
 class _Shared:
@@ -54,6 +60,8 @@ class Handle:
     creds: PeerCreds
     conn_id: int
     writable: bool = field(default=False)
+    inflight: int = 0                   # calls using it now (guarded by State._lock)
+    last_used: float = field(default_factory=time.monotonic)
 
 
 def user_repo_path(creds: PeerCreds) -> str:
@@ -75,6 +83,7 @@ class State:
         self._ids = itertools.count(1)
         self._handles: dict[int, Handle] = {}
         self._repos: dict[tuple[int, int, bool], _Shared] = {}
+        self._janitor: threading.Thread | None = None
 
     def open(self, call: Call, fd: int, path: str, *, insecure: bool, require_verity: bool,
              no_upgrade: bool) -> Handle:
@@ -114,8 +123,36 @@ class State:
             h = Handle(next(self._ids), shared.repo, shared, key, call.creds,
                        call.connection.id, writable)
             self._handles[h.id] = h
-        call.connection.on_close(lambda: self.close(h.id, quiet=True))
+            mine = sorted((x for x in self._handles.values()
+                           if x.creds.uid == h.creds.uid and not x.inflight and x is not h),
+                          key=lambda x: x.last_used)
+            over = sum(1 for x in self._handles.values() if x.creds.uid == h.creds.uid) \
+                - self.defaults.handles_per_uid
+            evicted = [x.id for x in mine[:max(over, 0)]]
+        for hid in evicted:
+            self.close(hid, quiet=True)
+        self._ensure_janitor()
         return h
+
+    def _ensure_janitor(self) -> None:
+        with self._lock:
+            if self._janitor is not None:
+                return
+            self._janitor = threading.Thread(target=self._expire, name="handle-janitor",
+                                             daemon=True)
+            self._janitor.start()
+
+    def _expire(self) -> None:
+        """Release handles idle for longer than ``handle_idle`` (none with a call running)."""
+        idle = self.defaults.handle_idle
+        while True:
+            time.sleep(max(0.1, min(idle / 4, 30.0)))
+            now = time.monotonic()
+            with self._lock:
+                stale = [h.id for h in self._handles.values()
+                         if not h.inflight and now - h.last_used > idle]
+            for hid in stale:
+                self.close(hid, quiet=True)
 
     def get(self, call: Call, handle: int, iface: str) -> Handle:
         """The handle, if it exists and belongs to the caller's user."""
@@ -129,16 +166,26 @@ class State:
     def use(self, call: Call, handle: int, iface: str) -> Iterator[Handle]:
         """The handle, kept open (not closed under the call) until the block ends."""
         h = self.get(call, handle, iface)
-        with h.shared.cond:
-            if h.shared.closing:
+        with self._lock:
+            if self._handles.get(handle) is not h:
                 raise VarlinkError(f"{iface}.InvalidHandle", {"handle": handle})
-            h.shared.inflight += 1
+            h.inflight += 1
+            h.last_used = time.monotonic()
         try:
-            yield h
-        finally:
             with h.shared.cond:
-                h.shared.inflight -= 1
-                h.shared.cond.notify_all()
+                if h.shared.closing:
+                    raise VarlinkError(f"{iface}.InvalidHandle", {"handle": handle})
+                h.shared.inflight += 1
+            try:
+                yield h
+            finally:
+                with h.shared.cond:
+                    h.shared.inflight -= 1
+                    h.shared.cond.notify_all()
+        finally:
+            with self._lock:
+                h.inflight -= 1
+                h.last_used = time.monotonic()
 
     def close(self, handle: int, *, quiet: bool = False,
               iface: str = "org.composefs.Repository") -> None:
