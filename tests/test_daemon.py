@@ -215,3 +215,26 @@ def test_concurrent_clients(daemon: Daemon, tmp_path: Path) -> None:
     for t in threads:
         t.join(60)
     assert not errors
+
+
+def test_varlink_pull_without_name_does_not_tag(daemon: Daemon, tmp_path: Path) -> None:
+    """As composefs-rs: a varlink Pull without `name` stores the image untagged (cfsctl
+    tags with the reference itself)."""
+    from tests.ocitools import build_image
+    from tests.varlink_raw import stream_frames
+    layout = tmp_path / "layout"
+    build_image(layout, "v1", {"usr/bin/a": os.urandom(2000)})
+    repo = str(tmp_path / "r")
+    run_cfsctl("--repo", repo, "init", address=daemon.address)
+    frames = stream_frames(daemon.sock, repo, "org.composefs.Oci.Pull",
+                           {"image": f"oci:{layout}:v1", "local_fetch": "disabled",
+                            "bootable": False})
+    digest = frames[-1]["parameters"]["completed"]["manifest_digest"]
+    c = Raw(daemon.sock)
+    h = c.call("org.composefs.Repository.OpenRepository", {"path": repo})["parameters"]["handle"]
+    assert c.call("org.composefs.Oci.ListImages", {"handle": h})["parameters"]["images"] == []
+    assert "error" not in c.call("org.composefs.Oci.Inspect", {"handle": h, "image": "@" + digest})
+    c.close()
+    run_cfsctl("--repo", repo, "oci", "pull", f"oci:{layout}:v1", address=daemon.address)
+    out = run_cfsctl("--repo", repo, "oci", "images", address=daemon.address).stdout.decode()
+    assert f"oci:{layout}:v1" in out

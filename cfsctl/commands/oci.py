@@ -43,7 +43,7 @@ def cmd_pull(ctx: Context, a: argparse.Namespace) -> int:
     """Pull an image from a layout, an archive or a registry."""
     if a.expected_digest and not a.bootable:
         raise UsageError("--expected-digest requires --bootable")
-    params = {"handle": ctx.handle, "image": a.image, "name": a.name,
+    params = {"handle": ctx.handle, "image": a.image, "name": a.name or a.image,
               "local_fetch": a.local_fetch, "bootable": a.bootable,
               "expected_digest": a.expected_digest, "platform": a.platform,
               "tls_verify": a.tls_verify, "credentials": a.creds,

@@ -178,7 +178,7 @@ class OciAPI(DeltaMethods, OciImageMethods):
         with self.state.use(call, handle, OCI) as h:
             require_writer(call, h, "pull images")
             configs = [] if credentials else caller_auth_configs(call, auth_file, auth_file_fd)
-            opts = PullOptions(tag=image if name is None else name, platform=platform,
+            opts = PullOptions(tag=name, platform=platform,
                                tls_verify=True if tls_verify is None else tls_verify,
                                credentials=creds, auth_configs=configs,
                                opener=auth.CallerOpener(call, image_fd), cancel=call.cancel)
