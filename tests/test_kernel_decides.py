@@ -375,10 +375,10 @@ def test_relative_paths_against_a_daemon_elsewhere(world: Path, open_daemon: Dae
         [R + "InitRepository", {"path": "repo2"}],
         [R + "ComputeId", {"path": "src"}],
         [[R + "OpenRepository", {"path": "repo2"}],
-         [OCI + "Pull", {"handle": "$handle", "image": "oci:img:v1", "local_fetch": "disabled",
-                       "bootable": False}],
-         [OCI + "Checkout", {"handle": "$handle", "image": "oci:img:v1",
-                           "directory": "out2"}]]], cwd=work)
+         [OCI + "Pull", {"handle": "$handle", "image": "oci:img:v1", "name": "a2",
+                         "local_fetch": "disabled", "bootable": False}],
+         [OCI + "Checkout", {"handle": "$handle", "image": "a2", "directory": "out2"}]]],
+        cwd=work)
     assert all("error" not in r for r in replies), replies
     assert (work / "out2" / "etc" / "b").read_bytes() == b"b"
     assert not Path("/repo2").exists() and not Path("/out2").exists()
