@@ -87,7 +87,7 @@ def main() -> int:
 
         print("\n== publisher: pull both versions from the registry, create the delta")
         pub = str(work / "publisher")
-        cfsctl("--repo", pub, "init")
+        cfsctl("--repo", pub, "init", "--insecure")
         for tag in ("v1", "v2"):
             print(cfsctl("--repo", pub, "oci", "pull", "-q", "--tls-verify=false",
                          f"{reg}:{tag}", tag))
@@ -100,13 +100,13 @@ def main() -> int:
 
         print("\n== client: v1 from an archive, then v2 from the delta in the registry")
         client = str(work / "client")
-        cfsctl("--repo", client, "init")
+        cfsctl("--repo", client, "init", "--insecure")
         print(cfsctl("--repo", client, "oci", "pull", "-q", f"oci-archive:{work / 'v1.tar'}:v1",
                      "v1"))
         print(cfsctl("--repo", client, "oci", "pull", "-q", "--tls-verify=false",
                      f"{reg}:v2-delta", "v2"))
         client2 = str(work / "client-archive")
-        cfsctl("--repo", client2, "init")
+        cfsctl("--repo", client2, "init", "--insecure")
         cfsctl("--repo", client2, "oci", "pull", "-q", f"oci-archive:{work / 'v1.tar'}:v1", "v1")
         print(cfsctl("--repo", client2, "oci", "apply-delta", "-q", f"oci-archive:{delta}",
                      "v2"))

@@ -39,7 +39,7 @@ def test_accept_yes_serves_each_connection(tmp_path: Path) -> None:
         build_image(layout, "v1", {"usr/bin/a": os.urandom(3000), "etc/b": b"b"})
         repo = str(tmp_path / "repo")
         address = f"unix:{sock}"
-        run_cfsctl("--repo", repo, "init", address=address)
+        run_cfsctl("--repo", repo, "init", "--insecure", address=address)
         run_cfsctl("--repo", repo, "oci", "pull", f"oci:{layout}:v1", "img", address=address)
         out = run_cfsctl("--repo", repo, "oci", "images", address=address).stdout
         assert b"img" in out

@@ -30,7 +30,7 @@ def layer() -> tuple[bytes, str]:
 @pytest.fixture(scope="module")
 def root_repo(world: Path, open_daemon: Daemon) -> str:
     repo = str(world / "root-repo")
-    run_cfsctl("--repo", repo, "init", address=open_daemon.address)
+    run_cfsctl("--repo", repo, "init", "--insecure", address=open_daemon.address)
     tar, digest = layer()
     run_cfsctl("--repo", repo, "oci", "import-layer", digest, "base",
                address=open_daemon.address, input=tar)
@@ -59,7 +59,7 @@ def test_other_uid_is_refused_writes(world: Path, open_daemon: Daemon, root_repo
     p = as_nobody(world, open_daemon, "--repo", root_repo, "oci", "import-layer",
                   "sha256:" + hashlib.sha256(other).hexdigest(), input=other)
     assert p.returncode == 1 and "permission denied" in p.stderr.decode().lower()
-    p = as_nobody(world, open_daemon, "init", str(Path(root_repo) / "sub"))
+    p = as_nobody(world, open_daemon, "init", "--insecure", str(Path(root_repo) / "sub"))
     assert p.returncode == 1 and "permission denied" in p.stderr.decode().lower()
     assert tree_listing(Path(root_repo)) == before
 
@@ -68,7 +68,7 @@ def test_unreadable_paths_stay_unreadable(world: Path, open_daemon: Daemon,
                                           root_repo: str) -> None:
     private = world / "private"
     private.mkdir(mode=0o700)
-    run_cfsctl("--repo", str(private / "repo"), "init", address=open_daemon.address)
+    run_cfsctl("--repo", str(private / "repo"), "init", "--insecure", address=open_daemon.address)
     p = as_nobody(world, open_daemon, "--repo", str(private / "repo"), "fsck")
     assert p.returncode == 1 and "permission denied" in p.stderr.decode().lower()
     # A symlink the caller may read does not grant access to what it points at.
@@ -83,7 +83,7 @@ def test_owner_writes_as_owner(world: Path, open_daemon: Daemon) -> None:
     home.mkdir()
     os.chown(home, NOBODY, NOBODY)
     repo = home / "repo"
-    p = as_nobody(world, open_daemon, "--repo", str(repo), "init")
+    p = as_nobody(world, open_daemon, "--repo", str(repo), "init", "--insecure")
     assert p.returncode == 0, p.stderr
     tar, digest = layer()
     p = as_nobody(world, open_daemon, "--repo", str(repo), "oci", "import-layer", digest,
@@ -107,7 +107,7 @@ def test_pull_into_own_repository_as_owner(world: Path, open_daemon: Daemon) -> 
     home.mkdir()
     os.chown(home, NOBODY, NOBODY)
     repo = home / "repo"
-    assert as_nobody(world, open_daemon, "--repo", str(repo), "init").returncode == 0
+    assert as_nobody(world, open_daemon, "--repo", str(repo), "init", "--insecure").returncode == 0
     p = as_nobody(world, open_daemon, "--repo", str(repo), "oci", "pull", f"oci:{layout}:v2",
                   "img")
     assert p.returncode == 0, p.stderr.decode()

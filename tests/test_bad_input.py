@@ -34,7 +34,7 @@ def good_tar() -> bytes:
 @pytest.fixture(scope="module")
 def env(shared_daemon: Daemon, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     repo = str(tmp_path_factory.mktemp("bad") / "repo")
-    run_cfsctl("--repo", repo, "init", "--algorithm", "fsverity-sha256-12",
+    run_cfsctl("--repo", repo, "init", "--insecure", "--algorithm", "fsverity-sha256-12",
                address=shared_daemon.address)
     tar = good_tar()
     digest = "sha256:" + hashlib.sha256(tar).hexdigest()

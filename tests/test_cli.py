@@ -29,24 +29,24 @@ def test_init_messages(shared_daemon: Daemon, tmp_path: Path) -> None:
     assert meta == {"version": 1, "algorithm": "fsverity-sha512-12",
                     "features": {"compatible": [], "read-only-compatible": ["v1_erofs"],
                                  "incompatible": []}, "erofs_formats": {"default": 1}}
-    p = run_cfsctl("init", repo, "--algorithm", "fsverity-sha256-12",
+    p = run_cfsctl("init", "--insecure", repo, "--algorithm", "fsverity-sha256-12",
                    address=shared_daemon.address, check=False)
     assert p.returncode == 1
     assert "already initialized with different configuration" in p.stderr.decode()
-    assert out("init", "--ensure", repo, daemon=shared_daemon) == (
+    assert out("init", "--insecure", "--ensure", repo, daemon=shared_daemon) == (
         f"Repository already initialized at {repo} (existing configuration preserved)\n")
 
 
 def test_init_erofs_v2_and_reset(shared_daemon: Daemon, tmp_path: Path) -> None:
     repo = str(tmp_path / "r2")
-    out("init", repo, "--erofs-version", "2", daemon=shared_daemon)
+    out("init", "--insecure", repo, "--erofs-version", "2", daemon=shared_daemon)
     meta = json.loads(Path(repo, "meta.json").read_text())
     assert meta["erofs_formats"] == {"default": 2}
     assert meta["features"]["read-only-compatible"] == []
-    p = run_cfsctl("init", repo, address=shared_daemon.address, check=False)
+    p = run_cfsctl("init", "--insecure", repo, address=shared_daemon.address, check=False)
     assert p.returncode == 1  # V1 default conflicts with the V2 repository
     Path(repo, "streams").mkdir()
-    out("init", repo, "--reset-metadata", "--algorithm", "fsverity-sha256-12",
+    out("init", "--insecure", repo, "--reset-metadata", "--algorithm", "fsverity-sha256-12",
         daemon=shared_daemon)
     assert not Path(repo, "streams").exists()
     assert json.loads(Path(repo, "meta.json").read_text())["algorithm"] == "fsverity-sha256-12"
@@ -54,7 +54,7 @@ def test_init_erofs_v2_and_reset(shared_daemon: Daemon, tmp_path: Path) -> None:
 
 def test_empty_repository_reports(shared_daemon: Daemon, tmp_path: Path) -> None:
     repo = str(tmp_path / "r")
-    out("init", repo, daemon=shared_daemon)
+    out("init", "--insecure", repo, daemon=shared_daemon)
     assert out("--repo", repo, "gc", daemon=shared_daemon) == "Objects: 0 removed (0 bytes)\n"
     assert out("--repo", repo, "images", daemon=shared_daemon) == "No images found\n"
     assert json.loads(out("--repo", repo, "images", "--json", daemon=shared_daemon)) == {
@@ -67,7 +67,7 @@ def test_empty_repository_reports(shared_daemon: Daemon, tmp_path: Path) -> None
 
 def test_fsck_detects_corruption(shared_daemon: Daemon, tmp_path: Path) -> None:
     repo = tmp_path / "r"
-    out("init", str(repo), daemon=shared_daemon)
+    out("init", "--insecure", str(repo), daemon=shared_daemon)
     data = os.urandom(10_000)
     import hashlib
     import io
@@ -92,7 +92,7 @@ def test_fsck_detects_corruption(shared_daemon: Daemon, tmp_path: Path) -> None:
 
 def test_hash_option(shared_daemon: Daemon, tmp_path: Path) -> None:
     repo = str(tmp_path / "r")
-    out("init", repo, daemon=shared_daemon)
+    out("init", "--insecure", repo, daemon=shared_daemon)
     out("--hash", "sha512", "--repo", repo, "gc", daemon=shared_daemon)
     p = run_cfsctl("--hash", "sha256", "--repo", repo, "gc", address=shared_daemon.address,
                    check=False)
@@ -117,7 +117,7 @@ def test_errors_and_usage(shared_daemon: Daemon, tmp_path: Path) -> None:
 def test_embedded_daemon_is_private(tmp_path: Path) -> None:
     """Without an address and with no daemon listening, cfsctl starts its own."""
     repo = str(tmp_path / "r")
-    assert run_cfsctl("--repo", repo, "init").returncode == 0
+    assert run_cfsctl("--repo", repo, "init", "--insecure").returncode == 0
     assert run_cfsctl("--repo", repo, "gc").stdout.decode() == "Objects: 0 removed (0 bytes)\n"
 
 

@@ -69,7 +69,7 @@ def test_socket_activation(tmp_path: Path, nsock: int) -> None:
             for iface in INTERFACES:
                 assert iface in out
         repo = str(tmp_path / "repo")
-        run_cfsctl("--repo", repo, "init", address=f"unix:{socks[-1]}")
+        run_cfsctl("--repo", repo, "init", "--insecure", address=f"unix:{socks[-1]}")
         assert "status: ok" in run_cfsctl("--repo", repo, "fsck",
                                           address=f"unix:{socks[0]}").stdout.decode()
     finally:
@@ -80,7 +80,7 @@ def test_socket_activation(tmp_path: Path, nsock: int) -> None:
 
 def test_embedded_daemon_needs_nothing_running(tmp_path: Path) -> None:
     repo = str(tmp_path / "r")
-    out = run_cfsctl("--repo", repo, "init").stdout.decode()
+    out = run_cfsctl("--repo", repo, "init", "--insecure").stdout.decode()
     assert out.startswith(f"Initialized composefs repository at {repo}\n")
     assert "fsverity-sha512-12" in out
     assert "status: ok" in run_cfsctl("--repo", repo, "fsck").stdout.decode()
@@ -88,7 +88,7 @@ def test_embedded_daemon_needs_nothing_running(tmp_path: Path) -> None:
 
 def test_handles_outlive_their_connection(daemon: Daemon, tmp_path: Path) -> None:
     repo = str(tmp_path / "r")
-    run_cfsctl("--repo", repo, "init", address=daemon.address)
+    run_cfsctl("--repo", repo, "init", "--insecure", address=daemon.address)
     a = Raw(daemon.sock)
     h = a.call("org.composefs.Repository.OpenRepository", {"path": repo})["parameters"]["handle"]
     a.close()
@@ -114,7 +114,7 @@ def test_one_call_per_connection_with_varlink_cli(daemon: Daemon, tmp_path: Path
     layout = tmp_path / "layout"
     build_image(layout, "v1", {"usr/bin/a": os.urandom(2000)})
     repo = str(tmp_path / "r")
-    run_cfsctl("--repo", repo, "init", address=daemon.address)
+    run_cfsctl("--repo", repo, "init", "--insecure", address=daemon.address)
 
     def cli(method: str, params: dict) -> dict:
         p = subprocess.run([sys.executable, "-m", "varlink.cli", "call",
@@ -138,7 +138,7 @@ def test_handle_idle_expiry_and_per_uid_cap(tmp_path: Path) -> None:
     d = Daemon(tmp_path, "--handle-idle", "1", "--handles-per-uid", "3")
     try:
         repo = str(tmp_path / "r")
-        run_cfsctl("--repo", repo, "init", address=d.address)
+        run_cfsctl("--repo", repo, "init", "--insecure", address=d.address)
         c = Raw(d.sock)
 
         def open_() -> int:
@@ -177,11 +177,16 @@ def test_init_idempotent_and_conflicts(daemon: Daemon, tmp_path: Path) -> None:
     c = Raw(daemon.sock)
     p = str(tmp_path / "a/b/repo")
     init = "org.composefs.Repository.InitRepository"
-    assert c.call(init, {"path": p})["parameters"]["created"] is True
+    # no fs-verity on this filesystem: refused unless insecure is asked for, nothing written
+    r = c.call(init, {"path": p})
+    assert r["error"] == "org.composefs.Repository.InvalidSpec", r
+    assert "--insecure" in r["parameters"]["message"]
+    assert not Path(p, "meta.json").exists()
+    assert c.call(init, {"path": p, "insecure": True})["parameters"]["created"] is True
     assert oct(os.stat(p).st_mode & 0o777) == "0o700"
-    assert c.call(init, {"path": p})["parameters"]["created"] is False
+    assert c.call(init, {"path": p, "insecure": True})["parameters"]["created"] is False
     meta = Path(p, "meta.json").read_bytes()
-    r = c.call(init, {"path": p, "algorithm": "fsverity-sha256-12"})
+    r = c.call(init, {"path": p, "algorithm": "fsverity-sha256-12", "insecure": True})
     assert r["error"] == "org.composefs.Repository.InternalError"
     assert "different configuration" in r["parameters"]["message"]
     assert Path(p, "meta.json").read_bytes() == meta
@@ -190,13 +195,16 @@ def test_init_idempotent_and_conflicts(daemon: Daemon, tmp_path: Path) -> None:
     r = c.call("org.composefs.Repository.EnsureRepository", {"path": p})
     assert r == {"parameters": {"status": "Opened"}}
     r = c.call("org.composefs.Repository.EnsureRepository", {"path": str(tmp_path / "new")})
+    assert r["error"] == "org.composefs.Repository.InvalidSpec", r
+    r = c.call("org.composefs.Repository.EnsureRepository", {"path": str(tmp_path / "new"),
+                                                             "insecure": True})
     assert r == {"parameters": {"status": "Created"}}
     c.close()
 
 
 def test_concurrent_clients(daemon: Daemon, tmp_path: Path) -> None:
     repo = str(tmp_path / "r")
-    run_cfsctl("--repo", repo, "init", address=daemon.address)
+    run_cfsctl("--repo", repo, "init", "--insecure", address=daemon.address)
     errors: list[str] = []
 
     def worker() -> None:
@@ -225,7 +233,7 @@ def test_varlink_pull_without_name_does_not_tag(daemon: Daemon, tmp_path: Path) 
     layout = tmp_path / "layout"
     build_image(layout, "v1", {"usr/bin/a": os.urandom(2000)})
     repo = str(tmp_path / "r")
-    run_cfsctl("--repo", repo, "init", address=daemon.address)
+    run_cfsctl("--repo", repo, "init", "--insecure", address=daemon.address)
     frames = stream_frames(daemon.sock, repo, "org.composefs.Oci.Pull",
                            {"image": f"oci:{layout}:v1", "local_fetch": "disabled",
                             "bootable": False})

@@ -24,7 +24,7 @@ def test_4096_deep_tree_pulls_checks_out_and_dumps(tmp_path: Path) -> None:
     layout = Layout(tmp_path / "layout")
     layout.write_image("deep", [deep_layer(DEPTH)])
     repo = str(tmp_path / "repo")
-    run_cfsctl("--repo", repo, "init")
+    run_cfsctl("--repo", repo, "init", "--insecure")
     run_cfsctl("--repo", repo, "oci", "pull", f"oci:{layout.path}:deep", "deep")
     out = tmp_path / "out"
     try:

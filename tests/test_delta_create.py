@@ -526,7 +526,7 @@ def open_pair(world: Path, open_daemon: Daemon) -> Iterator[tuple[Path, str]]:
     write_image(lay, "new", [*old_l, (make_tar([D("usr"), F("usr/x", text(50, 9000))]),
                                       "gzip")])
     repo = world / "crepo"
-    run_cfsctl("--repo", str(repo), "init", address=open_daemon.address)
+    run_cfsctl("--repo", str(repo), "init", "--insecure", address=open_daemon.address)
     for t in ("old", "new"):
         run_cfsctl("--repo", str(repo), "oci", "pull", f"oci:{lay.path}:{t}", t,
                    address=open_daemon.address)

@@ -89,7 +89,7 @@ def test_gc_roots_and_pruning(tmp_path: Path) -> None:
 
 def test_cli_gc_dry_run_then_real(daemon: Daemon, tmp_path: Path) -> None:
     repo = str(tmp_path / "repo")
-    run_cfsctl("--repo", repo, "init", address=daemon.address)
+    run_cfsctl("--repo", repo, "init", "--insecure", address=daemon.address)
     tar = make_tar({"a": b"z" * 4000, "b": b"y" * 3000})
     digest = "sha256:" + hashlib.sha256(tar).hexdigest()
     run_cfsctl("--repo", repo, "oci", "import-layer", digest, address=daemon.address,

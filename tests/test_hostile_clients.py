@@ -86,7 +86,7 @@ def hostile(world: Path) -> Iterator[tuple[Daemon, Path]]:
     home.mkdir()
     os.chown(home, NOBODY, NOBODY)
     repo = home / "repo"
-    assert as_nobody(world, d, "--repo", str(repo), "init").returncode == 0
+    assert as_nobody(world, d, "--repo", str(repo), "init", "--insecure").returncode == 0
     tar = _tar(b"first layer" * 100)
     p = as_nobody(world, d, "--repo", str(repo), "oci", "import-layer",
                   "sha256:" + hashlib.sha256(tar).hexdigest(), "l", input=tar)
@@ -277,7 +277,7 @@ def test_sigterm_stops_a_running_import(world: Path, tmp_path: Path) -> None:
         home = world / "term-home"
         home.mkdir()
         os.chown(home, NOBODY, NOBODY)
-        assert as_nobody(world, d, "--repo", str(home / "r"), "init").returncode == 0
+        assert as_nobody(world, d, "--repo", str(home / "r"), "init", "--insecure").returncode == 0
         p = subprocess.Popen(
             ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
              "/usr/bin/python3", "-m", "cfsctl", "--repo", str(home / "r"), "oci",
@@ -375,7 +375,7 @@ def test_fifo_as_a_stream_object(world: Path, hostile: tuple[Daemon, Path]) -> N
     home.mkdir()
     os.chown(home, NOBODY, NOBODY)
     repo = home / "repo"
-    assert as_nobody(world, d, "--repo", str(repo), "init").returncode == 0
+    assert as_nobody(world, d, "--repo", str(repo), "init", "--insecure").returncode == 0
     tar = _tar(b"f" * 1000)
     digest = "sha256:" + hashlib.sha256(tar).hexdigest()
     p = as_nobody(world, d, "--repo", str(repo), "oci", "import-layer", digest, "l", input=tar)
@@ -421,7 +421,7 @@ def test_flipped_byte_is_never_served(world: Path, hostile: tuple[Daemon, Path],
     home.mkdir()
     os.chown(home, NOBODY, NOBODY)
     repo = home / "repo"
-    assert as_nobody(world, d, "--repo", str(repo), "init").returncode == 0
+    assert as_nobody(world, d, "--repo", str(repo), "init", "--insecure").returncode == 0
     content = (b"0123456789abcdef" * (size // 16 + 1))[:size]
     tar = _tar(content)
     digest = "sha256:" + hashlib.sha256(tar).hexdigest()

@@ -294,7 +294,7 @@ def test_other_user_reads_only_what_it_may(world: Path, open_daemon: Daemon) -> 
     home.mkdir()
     os.chown(home, NOBODY, NOBODY)
     repo = home / "repo"
-    assert as_nobody(world, open_daemon, "--repo", str(repo), "init").returncode == 0
+    assert as_nobody(world, open_daemon, "--repo", str(repo), "init", "--insecure").returncode == 0
     (secret / "key").chmod(0o600)
     before = listing(repo)
     p = as_nobody(world, open_daemon, "--repo", str(repo), "create-image", str(root), "n")

@@ -91,7 +91,7 @@ def acl_tree(world: Path) -> Path:
 def nobody_repo(world: Path, open_daemon: Daemon) -> Path:
     home = user_dir(world, "nobody-home")
     repo = home / "repo"
-    p = as_nobody(world, open_daemon, "--repo", str(repo), "init")
+    p = as_nobody(world, open_daemon, "--repo", str(repo), "init", "--insecure")
     assert p.returncode == 0, p.stderr
     tree = home / "tree"
     (tree / "usr").mkdir(parents=True)
@@ -170,7 +170,7 @@ def test_acl_denied_layout_and_archive(world: Path, open_daemon: Daemon,
     assert listing(nobody_repo) == before
     # root pulls the same layout: the ACL was the only obstacle
     root_repo = world / "root-pull-repo"
-    run_cfsctl("--repo", str(root_repo), "init", address=open_daemon.address)
+    run_cfsctl("--repo", str(root_repo), "init", "--insecure", address=open_daemon.address)
     run_cfsctl("--repo", str(root_repo), "oci", "pull", f"oci:{layout}:v1", "x",
                address=open_daemon.address)
 
@@ -191,7 +191,7 @@ def test_group_acl_grants_more_than_mode_bits(world: Path, open_daemon: Daemon) 
     setfacl("-m", f"g:{GROUP}:r--", str(archive))
     home = user_dir(world, "group-home")
     repo = home / "repo"
-    assert as_nobody(world, open_daemon, "--repo", str(repo), "init").returncode == 0
+    assert as_nobody(world, open_daemon, "--repo", str(repo), "init", "--insecure").returncode == 0
     for groups, ok in (((GROUP,), True), ((), False)):
         p = as_nobody(world, open_daemon, "create-dumpfile", str(t), groups=groups)
         assert (p.returncode == 0) == ok, p.stderr
@@ -252,7 +252,7 @@ def test_acl_read_only_directory_cannot_be_written(world: Path, open_daemon: Dae
         p.chmod(0o755 if p.is_dir() else 0o644)
     for base in (target, home / "link"):
         for args in (["--repo", image_repo, "oci", "checkout", "img", str(base / "co")],
-                     ["--repo", str(base / "repo"), "init"],
+                     ["--repo", str(base / "repo"), "init", "--insecure"],
                      ["mkcomposefs", "--digest-store", str(base / "store"), str(src),
                       str(home / "img")],
                      ["--repo", image_repo, "oci", "create-delta", "img", "img",
@@ -261,7 +261,7 @@ def test_acl_read_only_directory_cannot_be_written(world: Path, open_daemon: Dae
             assert p.returncode != 0, args
             assert b"permission denied" in p.stderr.lower(), (args, p.stderr)
         replies = raw(world, open_daemon, [
-            [R + "InitRepository", {"path": str(base / "repo")}],
+            [R + "InitRepository", {"path": str(base / "repo"), "insecure": True}],
             [R + "Mkcomposefs", {"source": str(src), "digest_store": str(base / "store")}],
             [[R + "OpenRepository", {"path": image_repo}],
              [OCI + "Checkout", {"handle": "$handle", "image": "img",
@@ -298,7 +298,7 @@ def owner_repos(world: Path, open_daemon: Daemon) -> dict[str, Path]:
     repos = {k: home / k for k in ("fresh", "legacy", "populated")}
     layout, _ = _layout_and_archive(world, "owner-layout")
     for name, repo in repos.items():
-        p = as_nobody(world, open_daemon, "--repo", str(repo), "init", uid=OWNER)
+        p = as_nobody(world, open_daemon, "--repo", str(repo), "init", "--insecure", uid=OWNER)
         assert p.returncode == 0, p.stderr
         repo.chmod(0o755)
         if name != "fresh":
@@ -362,7 +362,7 @@ def test_relative_paths_against_a_daemon_elsewhere(world: Path, open_daemon: Dae
         p = as_nobody(world, open_daemon, *args, cwd=work)
         assert p.returncode == 0, (args, p.stderr)
 
-    cli("--repo", "repo", "init")
+    cli("--repo", "repo", "init", "--insecure")
     cli("--repo", "repo", "oci", "pull", "oci:img:v1", "a")
     cli("--repo", "repo", "oci", "pull", "oci-archive:v1.tar:v1", "b")
     cli("--repo", "repo", "create-image", "src", "tree")
@@ -372,7 +372,7 @@ def test_relative_paths_against_a_daemon_elsewhere(world: Path, open_daemon: Dae
     assert (work / "out" / "etc" / "b").read_bytes() == b"b"
     assert (work / "d.tar").is_file() and (work / "src.img").is_file()
     replies = raw(world, open_daemon, [
-        [R + "InitRepository", {"path": "repo2"}],
+        [R + "InitRepository", {"path": "repo2", "insecure": True}],
         [R + "ComputeId", {"path": "src"}],
         [[R + "OpenRepository", {"path": "repo2"}],
          [OCI + "Pull", {"handle": "$handle", "image": "oci:img:v1", "name": "a2",
@@ -395,7 +395,7 @@ def test_relative_paths_under_socket_activation(tmp_path: Path) -> None:
         layout, _ = _layout_and_archive(tmp_path, "sa-layout")
         shutil.copytree(layout, work / "img")
         env = dict(os.environ, CFSD_ADDRESS=f"unix:{sock}", XDG_RUNTIME_DIR="/nonexistent")
-        for args in (["--repo", "repo", "init"],
+        for args in (["--repo", "repo", "init", "--insecure"],
                      ["--repo", "repo", "oci", "pull", "oci:img:v1", "a"],
                      ["--repo", "repo", "oci", "checkout", "a", "out"]):
             p = subprocess.run([sys.executable, "-m", "cfsctl", *args], cwd=work, env=env,
@@ -433,7 +433,8 @@ try:
     for i in range(int(n)):
         kind = i % 3
         if kind == 0:
-            r = session(address, [[R + "InitRepository", {"path": x + f"/repo{i}"}]])
+            r = session(address, [[R + "InitRepository", {"path": x + f"/repo{i}",
+                                                           "insecure": True}]])
         elif kind == 1:
             r = session(address, [[R + "Mkcomposefs", {"source": x,
                                                          "digest_store": x + "/store"}]])
@@ -501,12 +502,13 @@ def test_interpreter_unreadable_to_the_caller(world: Path, open_daemon: Daemon) 
         ref = registry.push(f"oci:{layout}:v1", "unreadable/img:v1")
         home = user_dir(world, "reg-home")
         repo = home / "repo"
-        assert as_nobody(world, open_daemon, "--repo", str(repo), "init").returncode == 0
+        p = as_nobody(world, open_daemon, "--repo", str(repo), "init", "--insecure")
+        assert p.returncode == 0, p.stderr
         p = as_nobody(world, open_daemon, "--repo", str(repo), "oci", "pull",
                       "--tls-verify=false", ref, "img")
         assert p.returncode == 0, p.stderr
         root_repo = world / "reg-root-repo"
-        run_cfsctl("--repo", str(root_repo), "init", address=open_daemon.address)
+        run_cfsctl("--repo", str(root_repo), "init", "--insecure", address=open_daemon.address)
         run_cfsctl("--repo", str(root_repo), "oci", "pull", "--tls-verify=false", ref, "img",
                    address=open_daemon.address)
         p = as_nobody(world, open_daemon, "--repo", str(repo), "oci", "pull",

@@ -167,7 +167,7 @@ def _tar(entries: list[tuple[str, bytes]]) -> bytes:
 def test_layer_dumpfile_golden(shared_daemon: Daemon, tmp_path: Path) -> None:
     """golden.md section 9: tar entries rendered as dumpfile lines."""
     repo = str(tmp_path / "repo")
-    run_cfsctl("--repo", repo, "init", "--algorithm", "fsverity-sha256-12",
+    run_cfsctl("--repo", repo, "init", "--insecure", "--algorithm", "fsverity-sha256-12",
                address=shared_daemon.address)
     tar = _tar([("file0", b""), ("file4095", bytes(4095))])
     diff_id = "sha256:" + hashlib.sha256(tar).hexdigest()

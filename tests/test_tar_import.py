@@ -90,7 +90,7 @@ def import_and_cat(daemon: Daemon, repo: str, tar: bytes) -> tuple[str, bytes]:
 @pytest.fixture(scope="module")
 def repo(shared_daemon: Daemon, tmp_path_factory: pytest.TempPathFactory) -> str:
     path = str(tmp_path_factory.mktemp("tars") / "repo")
-    run_cfsctl("--repo", path, "init", "--algorithm", "fsverity-sha256-12",
+    run_cfsctl("--repo", path, "init", "--insecure", "--algorithm", "fsverity-sha256-12",
                address=shared_daemon.address)
     return path
 

@@ -140,10 +140,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("init", help="create or verify a repository")
     p.add_argument("path", nargs="?")
     p.add_argument("--algorithm", default="fsverity-sha512-12")
-    p.add_argument("--insecure", action="store_true")
+    # default=SUPPRESS: absent here, the global option of the same name stays in force
+    p.add_argument("--insecure", action="store_true", default=argparse.SUPPRESS,
+                   help="create the repository without fs-verity (needed where the "
+                        "filesystem lacks it)")
     p.add_argument("--reset-metadata", action="store_true")
     p.add_argument("--ensure", action="store_true")
-    p.add_argument("--erofs-version", type=int, choices=(0, 1, 2))
+    p.add_argument("--erofs-version", type=int, choices=(0, 1, 2), default=argparse.SUPPRESS,
+                   help="default EROFS format version of the repository (0, 1 or 2)")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("cat", help="reassemble a splitstream to stdout")

@@ -41,3 +41,7 @@ class DamagedRepository(RepositoryError):
 
 class TooDeep(RepositoryError):
     """A tree nests deeper than MAX_DEPTH (cfsd.core.tree), which writer and reader share."""
+
+
+class VerityUnsupported(RepositoryError):
+    """fs-verity was required but the filesystem cannot enable it."""

@@ -16,7 +16,7 @@ import stat
 from dataclasses import dataclass, field
 
 from cfsd.core import fsverity
-from cfsd.core.errors import NotWritable, RepoNotFound, RepositoryError
+from cfsd.core.errors import NotWritable, RepoNotFound, RepositoryError, VerityUnsupported
 from cfsd.core.fsverity import Algorithm
 
 META_JSON = "meta.json"
@@ -168,8 +168,13 @@ def read_meta(fd: int) -> tuple[RepoMetadata | None, bool]:
 
 
 
-def write_meta(fd: int, meta: RepoMetadata, *, verity: bool) -> None:
-    """Create meta.json atomically (O_TMPFILE + linkat; fails if it exists)."""
+def write_meta(fd: int, meta: RepoMetadata, *, verity: bool, require: bool = False) -> None:
+    """Create meta.json atomically (O_TMPFILE + linkat; fails if it exists).
+
+    With *verity* fs-verity is enabled on it (the mark of a secure repository); with
+    *require* as well, a filesystem that cannot enable it raises VerityUnsupported and
+    nothing is written.
+    """
     data = meta.to_json()
     try:
         tfd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o644, dir_fd=fd)
@@ -186,8 +191,10 @@ def write_meta(fd: int, meta: RepoMetadata, *, verity: bool) -> None:
         ro = os.open(f"/proc/self/fd/{tfd}", os.O_RDONLY | os.O_CLOEXEC)
         os.close(tfd)
         tfd = ro
-        if verity:
-            fsverity.enable_verity(tfd, meta.algorithm)
+        if verity and not fsverity.enable_verity(tfd, meta.algorithm) and require:
+            if named is not None:
+                os.unlink(named, dir_fd=fd)
+            raise VerityUnsupported("the filesystem does not support fs-verity")
         if named is None:
             os.link(f"/proc/self/fd/{tfd}", META_JSON, dst_dir_fd=fd, follow_symlinks=True)
         os.fsync(fd)

@@ -198,11 +198,13 @@ class Repository:
 
     @classmethod
     def init_at(cls, dir_fd: int, path: str = "", *, alg: Algorithm = fsverity.SHA512,
-                insecure: bool = False, erofs_version: int = 1) -> tuple[Repository, bool]:
+                insecure: bool = False, erofs_version: int = 1,
+                require_verity: bool = False) -> tuple[Repository, bool]:
         """Write meta.json into the (existing) directory; idempotent for an equal config.
 
         Returns ``(repository, created)``.  When the filesystem lacks fs-verity the repository
-        is created insecure (there is nothing to enforce verity with).
+        is created insecure (there is nothing to enforce verity with), unless
+        *require_verity*: then VerityUnsupported and nothing is written.
         """
         meta = RepoMetadata.new(alg, erofs_version)
         existing, _ = read_meta(dir_fd)
@@ -216,10 +218,10 @@ class Repository:
             return cls.open_at(dir_fd, path), False
         ensure_writable(dir_fd)
         try:
-            write_meta(dir_fd, meta, verity=not insecure)
+            write_meta(dir_fd, meta, verity=not insecure, require=require_verity)
         except FileExistsError:
             return cls.init_at(dir_fd, path, alg=alg, insecure=insecure,
-                               erofs_version=erofs_version)
+                               erofs_version=erofs_version, require_verity=require_verity)
         return cls.open_at(dir_fd, path), True
 
     @classmethod

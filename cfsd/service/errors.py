@@ -17,6 +17,7 @@ from cfsd.core.errors import (
     RepoNotFound,
     RepositoryError,
     TooDeep,
+    VerityUnsupported,
 )
 from cfsd.core.fsread import ScanError
 from cfsd.core.mkcomposefs import MkcomposefsError
@@ -39,6 +40,10 @@ def map_error(iface: str, e: Exception) -> VarlinkError | None:
     def err(name: str, **params: object) -> VarlinkError:
         return VarlinkError(f"{iface}.{name}", params)
 
+    if isinstance(e, VerityUnsupported):
+        return err("InvalidSpec" if iface == REPOSITORY else "InvalidRequest",
+                   message=f"{e}: initialize with insecure (cfsctl init --insecure) to "
+                           "create a repository without fs-verity")
     if isinstance(e, ScanError | MkcomposefsError):
         # reading a caller's directory tree, or C mkcomposefs semantics
         if e.errno in (errno.EACCES, errno.EPERM):

@@ -66,7 +66,8 @@ class RepositoryAPI(ImageMethods):
                 if reset_metadata:
                     drop_metadata(fd)
                 repo, created = Repository.init_at(fd, path, alg=alg, insecure=insecure,
-                                                   erofs_version=version)
+                                                   erofs_version=version,
+                                                   require_verity=not insecure)
             try:
                 return {"created": created, "verity": repo.secure,
                         "algorithm": repo.alg.repo_string}
@@ -95,8 +96,9 @@ class RepositoryAPI(ImageMethods):
                 if exists(fd, "objects"):
                     Repository.open_at(fd, path, upgrade=True).close()
                     return {"status": "Upgraded"}
-                repo, _ = Repository.init_at(fd, path, alg=alg, insecure=bool(insecure)
-                                             or self.state.defaults.insecure)
+                insecure = bool(insecure) or self.state.defaults.insecure
+                repo, _ = Repository.init_at(fd, path, alg=alg, insecure=insecure,
+                                             require_verity=not insecure)
                 repo.close()
             return {"status": "Created"}
         finally:
