@@ -20,14 +20,17 @@ import varlink
 ROOT = Path(__file__).resolve().parents[1]
 
 
+DATA = ROOT / "tests" / "data"
+
+
 def conformance_dir() -> Path | None:
-    """The shared conformance data ($CFSD_CONFORMANCE or ../shared/conformance)."""
+    """The conformance data: $CFSD_CONFORMANCE, else the project's own tests/data copy."""
     env = os.environ.get("CFSD_CONFORMANCE")
-    p = Path(env) if env else ROOT.parent / "shared" / "conformance"
+    p = Path(env) if env else DATA / "conformance"
     return p if p.is_dir() else None
 
 
-CONFORMANCE = Path(os.environ.get("CFSD_CONFORMANCE") or ROOT.parent / "shared" / "conformance")
+CONFORMANCE = conformance_dir() or DATA / "conformance"
 needs_conformance = pytest.mark.skipif(not CONFORMANCE.is_dir(),
                                        reason=f"conformance data not found at {CONFORMANCE}")
 FSCK_EROFS = shutil.which("fsck.erofs")

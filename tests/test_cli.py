@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, Daemon, run_cfsctl
+from tests.conftest import Daemon, run_cfsctl
 
 
 def out(*args: str, daemon: Daemon, **kw: object) -> str:
@@ -124,13 +124,18 @@ def test_embedded_daemon_is_private(tmp_path: Path) -> None:
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
 @pytest.mark.parametrize("kind", ["system", "user"])
 def test_systemd_units_verify(tmp_path: Path, kind: str) -> None:
-    src = ROOT / "systemd" / ("user" if kind == "user" else "")
+    """The units as `cfsd install-units` writes them pass systemd-analyze verify, and start
+    the cfsd of this installation."""
     cfsd = Path(sys.prefix) / "bin" / "cfsd"
-    if not cfsd.exists():
-        pytest.skip("cfsd console script not installed")
-    for name in ("cfsd.socket", "cfsd.service"):
-        text = (src / name).read_text().replace("ExecStart=cfsd", f"ExecStart={cfsd}")
-        (tmp_path / name).write_text(text)
+    assert cfsd.exists(), "the cfsd console script is installed by .ci/run"
+    p = subprocess.run([str(cfsd), "install-units", "--dest", str(tmp_path),
+                        *(["--user"] if kind == "user" else [])], capture_output=True)
+    assert p.returncode == 0, p.stderr
+    service = (tmp_path / "cfsd.service").read_text()
+    assert f"ExecStart={cfsd}\n" in service and "@CFSD@" not in service
+    if kind == "system":
+        assert (tmp_path / "sysusers.d" / "cfsd.conf").read_text() == "g composefs - -\n"
+        assert "/var/lib/composefs" in (tmp_path / "tmpfiles.d" / "cfsd.conf").read_text()
     env = dict(os.environ, XDG_RUNTIME_DIR=str(tmp_path))
     cmd = ["systemd-analyze", "verify", "--man=no"] + (["--user"] if kind == "user" else [])
     p = subprocess.run([*cmd, str(tmp_path / "cfsd.socket"), str(tmp_path / "cfsd.service")],

@@ -111,6 +111,10 @@ def _raise_fd_limit() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the daemon until SIGTERM (or until its single connection closes)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["install-units"]:
+        from cfsd.service import units
+        return units.main(argv[1:])
     args = parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JournalFormatter("%(message)s"))
