@@ -82,17 +82,24 @@ def hostile(world: Path) -> Iterator[tuple[Daemon, Path]]:
     sockdir.mkdir()
     sockdir.chmod(0o755)
     d = Daemon(sockdir, "--socket-mode", "0666")
-    home = world / "hostile-home"
+    repo, _ = user_repo(world, d, "hostile-home", b"first layer" * 100)
+    yield d, repo          # objects/ and streams/ exist: failures must leave them as they are
+    d.stop()
+
+
+def user_repo(world: Path, d: Daemon, home_name: str, content: bytes) -> tuple[Path, str]:
+    """nobody's repository (in a home of its own) with one layer holding *content* as
+    ``usr/f``, named ``l``; returns (repository, the layer's diff_id)."""
+    home = world / home_name
     home.mkdir()
     os.chown(home, NOBODY, NOBODY)
     repo = home / "repo"
     assert as_nobody(world, d, "--repo", str(repo), "init", "--insecure").returncode == 0
-    tar = _tar(b"first layer" * 100)
-    p = as_nobody(world, d, "--repo", str(repo), "oci", "import-layer",
-                  "sha256:" + hashlib.sha256(tar).hexdigest(), "l", input=tar)
-    assert p.returncode == 0, p.stderr      # objects/ and streams/ exist from here on
-    yield d, repo
-    d.stop()
+    tar = _tar(content)
+    digest = "sha256:" + hashlib.sha256(tar).hexdigest()
+    p = as_nobody(world, d, "--repo", str(repo), "oci", "import-layer", digest, "l", input=tar)
+    assert p.returncode == 0, p.stderr
+    return repo, digest
 
 
 def _tar(data: bytes) -> bytes:
@@ -371,15 +378,7 @@ def test_fifo_as_a_stream_object(world: Path, hostile: tuple[Daemon, Path]) -> N
     """A FIFO planted as an object in the caller's own repository: cat, fsck and gc answer
     (typed errors or findings) instead of hanging."""
     d, _ = hostile
-    home = world / "fifo-home"
-    home.mkdir()
-    os.chown(home, NOBODY, NOBODY)
-    repo = home / "repo"
-    assert as_nobody(world, d, "--repo", str(repo), "init", "--insecure").returncode == 0
-    tar = _tar(b"f" * 1000)
-    digest = "sha256:" + hashlib.sha256(tar).hexdigest()
-    p = as_nobody(world, d, "--repo", str(repo), "oci", "import-layer", digest, "l", input=tar)
-    assert p.returncode == 0, p.stderr
+    repo, digest = user_repo(world, d, "fifo-home", b"f" * 1000)
     stream = Path(os.path.realpath(repo / "streams" / f"oci-layer-{digest}"))
     stream.unlink()
     os.mkfifo(stream)
@@ -417,16 +416,10 @@ def test_flipped_byte_is_never_served(world: Path, hostile: tuple[Daemon, Path],
     """No kernel fs-verity here: a flipped byte in an object makes cat and checkout fail
     with a typed error, and none of the object reaches the caller."""
     d, _ = hostile
-    home = world / f"flip-{size}"
-    home.mkdir()
-    os.chown(home, NOBODY, NOBODY)
-    repo = home / "repo"
-    assert as_nobody(world, d, "--repo", str(repo), "init", "--insecure").returncode == 0
     content = (b"0123456789abcdef" * (size // 16 + 1))[:size]
+    repo, digest = user_repo(world, d, f"flip-{size}", content)
+    home = repo.parent
     tar = _tar(content)
-    digest = "sha256:" + hashlib.sha256(tar).hexdigest()
-    p = as_nobody(world, d, "--repo", str(repo), "oci", "import-layer", digest, "l", input=tar)
-    assert p.returncode == 0, p.stderr
     p = as_nobody(world, d, "--repo", str(repo), "cat", f"oci-layer-{digest}")
     assert p.returncode == 0 and p.stdout == tar     # intact: served
     obj = _object_of_layer(repo, content)

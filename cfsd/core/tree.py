@@ -271,8 +271,13 @@ class Directory:
             raise NotFound(f"no such directory {path!r}")
         return d
 
-    def split(self, path: bytes) -> tuple[Directory, bytes]:
-        """Split ``path`` into (existing parent directory, file name)."""
+    def split(self, path: bytes, *,
+              implicit: Stat | None = None) -> tuple[Directory, bytes]:
+        """Split ``path`` into (existing parent directory, file name).
+
+        With *implicit*, missing parent directories are created with that stat (a layer
+        whose tar leaves out parent entries, as Docker and containers/storage accept).
+        """
         comps = _components(path)
         if not comps or not isinstance(comps[-1], bytes):
             raise InvalidFilename(f"path {path!r} has no file name")
@@ -283,6 +288,8 @@ class Directory:
             if comp is _CUR or comp is _PARENT:
                 raise InvalidFilename(f"invalid filename {path!r}")
             child = d.entries.get(comp)  # type: ignore[arg-type]
+            if child is None and implicit is not None:
+                child = d.entries[comp] = Directory(implicit.copy())  # type: ignore[index]
             if child is None:
                 raise NotFound(f"no such directory {comp!r}")  # type: ignore[str-bytes-safe]
             if type(child) is not Directory:
@@ -477,6 +484,11 @@ class DirectoryItem:
 LayerItem = LeafContent | Hardlink | DirectoryItem
 
 
+# Parent directories a layer's tar leaves out: created like this (root-owned 0755, mtime 0,
+# deterministic), as Docker and containers/storage accept such layers.
+IMPLICIT_DIRECTORY = Stat(0o755, 0, 0, 0, 0, {})
+
+
 def apply_layer_entry(fs: FileSystem, path: bytes, stat: Stat, item: LayerItem) -> None:
     """Apply one layer entry to ``fs`` (``process_entry``, storage.md 6.3).
 
@@ -498,7 +510,7 @@ def apply_layer_entry(fs: FileSystem, path: bytes, stat: Stat, item: LayerItem) 
         inode = tdir.leaf(tname)
     else:
         inode = fs.push_leaf(stat, item)  # type: ignore[arg-type]
-    parent, name = fs.root.split(path)
+    parent, name = fs.root.split(path, implicit=IMPLICIT_DIRECTORY)
     if name.startswith(b".wh."):
         rest = name[4:]
         if rest == b".wh..opq":
@@ -522,16 +534,24 @@ class XattrFiltering(enum.Enum):
 
 
 def copy_root_metadata_from_usr(fs: FileSystem) -> None:
-    """Give the root ``/usr``'s mode, owner, mtime and xattrs; ``/usr`` must be a directory."""
-    usr = fs.root.get_directory(b"usr")
-    fs.root.stat = usr.stat.copy()   # a fresh Stat: stats may be shared between inodes
+    """Give the root ``/usr``'s mode, owner, mtime and xattrs.
+
+    An image without ``/usr`` (``FROM scratch``: a static binary) keeps the root its
+    layers gave it, or gets an implicit directory's when they gave none (composefs-rs
+    refuses such images; Docker and podman run them).
+    """
+    usr = fs.root.get_directory_opt(b"usr")
+    if usr is not None:
+        fs.root.stat = usr.stat.copy()   # a fresh Stat: stats may be shared between inodes
+    elif fs.root.stat == Stat.uninitialized():
+        fs.root.stat = IMPLICIT_DIRECTORY.copy()
 
 
 def canonicalize_run(fs: FileSystem) -> None:
     """Empty ``/run`` (if present) and give it ``/usr``'s mtime."""
     run = fs.root.get_directory_opt(b"run")
     if run is not None:
-        usr = fs.root.get_directory(b"usr")
+        usr = fs.root.get_directory_opt(b"usr") or fs.root
         st = run.stat.copy()
         st.st_mtim_sec = usr.stat.st_mtim_sec
         st.st_mtim_nsec = usr.stat.st_mtim_nsec
