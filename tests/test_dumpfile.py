@@ -20,6 +20,7 @@ from cfsd.core.dumpfile import (
 )
 from cfsd.core.erofs import ErofsError, erofs_to_filesystem, select_c_version, write_image
 from cfsd.core.tree import (
+    IMPLICIT_DIRECTORY,
     BlockDevice,
     CharacterDevice,
     Directory,
@@ -525,8 +526,13 @@ def test_apply_layer_entry():
     apply_layer_entry(fs, b"/etc/hl", Stat(0o777), Hardlink(b"/etc/passwd"))
     etc = fs.root.entries[b"etc"]
     assert etc.entries[b"hl"] is etc.entries[b"passwd"]
-    with pytest.raises(NotFound):
-        apply_layer_entry(fs, b"/nodir/x", Stat(), Fifo())
+    # a parent the tar left out is created (root-owned 0755, mtime 0), as Docker does
+    apply_layer_entry(fs, b"/nodir/x", Stat(), Fifo())
+    assert fs.root.entries[b"nodir"].stat == IMPLICIT_DIRECTORY
+    assert fs.root.entries[b"nodir"].stat is not IMPLICIT_DIRECTORY
+    del fs.root.entries[b"nodir"]       # (its leaf is now an orphan, compacted below)
+    with pytest.raises(NotADirectory):
+        apply_layer_entry(fs, b"/etc/passwd/x", Stat(), Fifo())
     with pytest.raises(IsADirectory):
         apply_layer_entry(fs, b"/x", Stat(), Hardlink(b"/etc"))
     with pytest.raises(NotFound):
@@ -583,8 +589,9 @@ def test_transform_for_oci():
     assert fs.root.entries[b"usr"].entries[b"f"].stat.xattrs == {
         b"security.capability": b"cap", b"user.k": b"v"}
     transform_for_oci(build(), "keep-user-xattrs")
-    with pytest.raises(NotFound):
-        transform_for_oci(FileSystem(Stat()))
+    scratch = FileSystem(Stat())        # no /usr (FROM scratch): an implicit root
+    transform_for_oci(scratch)
+    assert scratch.root.stat == IMPLICIT_DIRECTORY
     bad = FileSystem(Stat())
     bad.root.entries[b"usr"] = bad.push_leaf(Stat(), Fifo())
     with pytest.raises(NotADirectory):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import array
 import contextlib
 import ctypes
+import errno
 import itertools
 import json
 import logging
@@ -84,10 +85,6 @@ class PeerCreds:
         pid, uid, gid = struct.unpack("3i", raw)
         return cls(pid, uid, gid, _peer_groups(sock))
 
-    def in_group(self, gid: int) -> bool:
-        """True if *gid* is the primary or a supplementary group."""
-        return gid == self.gid or gid in self.groups
-
 
 _libc = ctypes.CDLL(None, use_errno=True)
 NGROUPS_MAX = 65536
@@ -100,12 +97,16 @@ def _peer_groups(sock: socket.socket) -> tuple[int, ...]:
     and fails beyond.  Without the option (old kernels) the caller gets no groups, which can
     only deny, never grant.
     """
-    buf = (ctypes.c_uint32 * NGROUPS_MAX)()
-    size = ctypes.c_uint32(ctypes.sizeof(buf))
-    if _libc.getsockopt(sock.fileno(), socket.SOL_SOCKET, SO_PEERGROUPS, buf,
-                        ctypes.byref(size)) != 0:
-        return ()
-    return tuple(buf[:size.value // 4])
+    n = 64
+    while True:
+        buf = (ctypes.c_uint32 * n)()
+        size = ctypes.c_uint32(ctypes.sizeof(buf))
+        if _libc.getsockopt(sock.fileno(), socket.SOL_SOCKET, SO_PEERGROUPS, buf,
+                            ctypes.byref(size)) == 0:
+            return tuple(buf[:size.value // 4])
+        if ctypes.get_errno() != errno.ERANGE or n >= NGROUPS_MAX:
+            return ()
+        n = min(NGROUPS_MAX, max(size.value // 4, n * 2))   # the kernel said how many
 
 
 _conn_ids = itertools.count(1)
@@ -121,7 +122,6 @@ class Connection:
             self.creds = PeerCreds.of(sock)
         except OSError:
             self.creds = PeerCreds(0, -1, -1)
-        self._on_close: list[Callable[[], None]] = []
         self._send_lock = threading.Lock()
         self.closed = False
         self._buf = bytearray()
@@ -129,12 +129,8 @@ class Connection:
         self.current: Call | None = None         # the call being served
         self.cancelled = False                  # set when the daemon stops
 
-    def on_close(self, cb: Callable[[], None]) -> None:
-        """Run *cb* when the connection closes."""
-        self._on_close.append(cb)
-
     def close(self) -> None:
-        """Close the socket, run close callbacks and drop unclaimed fds."""
+        """Close the socket and drop unclaimed fds (handles outlive connections)."""
         if self.closed:
             return
         self.closed = True
@@ -142,11 +138,6 @@ class Connection:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
-        for cb in reversed(self._on_close):
-            try:
-                cb()
-            except Exception:  # noqa: BLE001 - a cleanup failure must not stop the others
-                log.exception("connection close callback failed")
 
     def _drop_fds(self) -> None:
         for _, fd in self._fds:
