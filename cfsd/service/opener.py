@@ -31,6 +31,7 @@ import struct
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 MAX_REQUEST = 1 << 20
@@ -124,7 +125,8 @@ def run_ops(ops: list[dict[str, Any]], pid: int) -> tuple[list[dict[str, Any]], 
 # --------------------------------------------------------------------------- framing
 
 
-def _send(sock: socket.socket, obj: object, fds: list[int] = ()) -> None:  # type: ignore[assignment]
+def _send(sock: socket.socket, obj: object, fds: Sequence[int] = ()) -> None:
+    """One length-prefixed JSON message, with *fds* attached."""
     data = json.dumps(obj).encode()
     msg = struct.pack("!I", len(data)) + data
     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds \
@@ -135,6 +137,7 @@ def _send(sock: socket.socket, obj: object, fds: list[int] = ()) -> None:  # typ
 
 
 def _recv(sock: socket.socket, max_fds: int) -> tuple[Any, list[int]] | None:
+    """One message and its fds (at most *max_fds*); None at EOF."""
     buf = b""
     fds = array.array("i")
     while len(buf) < 4 or len(buf) < 4 + struct.unpack("!I", buf[:4])[0]:
