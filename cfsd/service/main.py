@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     # Before anyone is served: load everything a call may need (a thread working as a caller
     # must not read the interpreter's files), and start the helpers while the daemon is
     # still only itself.
-    identity.warm_up()
+    if args.connection_fd is None:   # a private daemon only ever serves its own user
+        identity.warm_up()
     fsverity.spawn_context = identity.as_daemon
     if args.connection_fd is None:
         auth.start_opener()     # a private daemon serves only the cfsctl that passes its fds
