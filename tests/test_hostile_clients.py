@@ -111,11 +111,16 @@ def _tar(data: bytes) -> bytes:
     return buf.getvalue()
 
 
+def prelude(d: Daemon, args: tuple[str, ...] = ()) -> str:
+    """What attack scripts start with: imports, ``ADDRESS`` and ``ARGS``."""
+    return (f"import json, os, socket, sys, time\nADDRESS = {d.sock!r}\n"
+            f"ARGS = {list(args)!r}\n")
+
+
 def attack(world: Path, d: Daemon, script: str, *args: str) -> dict[str, Any]:
     """Run *script* (stdlib Python, ``ADDRESS`` and ``ARGS`` defined) as nobody; it prints
     one JSON object."""
-    prelude = f"import json, os, socket, sys, time\nADDRESS = {d.sock!r}\nARGS = {list(args)!r}\n"
-    p = run_as(world, d, ["-c", prelude + script])
+    p = run_as(world, d, ["-c", prelude(d, args) + script])
     assert p.returncode == 0, p.stderr.decode()[-2000:]
     return json.loads(p.stdout)
 
@@ -513,3 +518,47 @@ def test_thread_limit_never_kills_the_daemon(world: Path) -> None:
                 (PIDS_CGROUP / "cgroup.procs").write_text(str(d.proc.pid))
         d.stop()
         group.rmdir()
+
+
+ACCEPT_FLOOD = """
+socks = []
+for i in range(int(ARGS[0])):
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(ADDRESS)
+    except OSError:
+        break
+    socks.append(s)
+time.sleep(2.0)
+for s in socks:
+    s.close()
+print(json.dumps({"opened": len(socks)}))
+"""
+
+
+def test_accept_failures_back_off(world: Path) -> None:
+    """Out of descriptors (a low RLIMIT_NOFILE, four users each within their connection
+    cap): accept fails, is logged once, retried with back-off, and the daemon serves again
+    once descriptors are free."""
+    sockdir = world / "emfile-sock"
+    sockdir.mkdir()
+    sockdir.chmod(0o755)
+    d = Daemon(sockdir, "--socket-mode", "0666")
+    try:
+        fds = fd_count(d)
+        subprocess.run(["prlimit", f"--pid={d.proc.pid}", f"--nofile={fds + 24}"], check=True)
+        procs = [subprocess.Popen(
+            ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+             "/usr/bin/python3", "-c", prelude(d, ("30",)) + ACCEPT_FLOOD],
+            stdout=subprocess.PIPE) for uid in (NOBODY, 4301, 4302, 4303)]
+        opened = [json.loads(p.communicate(timeout=60)[0])["opened"] for p in procs]
+        assert sum(opened) > 24, opened          # more than the daemon had descriptors for
+        log = d.log.read_bytes()
+        assert log.count(b"accept failed") >= 1
+        assert log.count(b"accept failed") <= 4, log.count(b"accept failed")
+        deadline = time.monotonic() + 10
+        while not serves_within_a_second(d) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert serves_within_a_second(d) and d.alive()
+    finally:
+        d.stop()
