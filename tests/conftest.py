@@ -24,9 +24,8 @@ DATA = ROOT / "tests" / "data"
 
 
 def conformance_dir() -> Path | None:
-    """The conformance data: $CFSD_CONFORMANCE, else the project's own tests/data copy."""
-    env = os.environ.get("CFSD_CONFORMANCE")
-    p = Path(env) if env else DATA / "conformance"
+    """The conformance data: the project's own copy in tests/data."""
+    p = DATA / "conformance"
     return p if p.is_dir() else None
 
 
@@ -51,7 +50,7 @@ def fsck_erofs(image: bytes) -> None:
 def conformance() -> Path:
     p = conformance_dir()
     if p is None:
-        pytest.skip("conformance data not found (set CFSD_CONFORMANCE)")
+        pytest.skip("conformance data not found in tests/data")
     return p
 
 
