@@ -19,7 +19,6 @@ import array
 import contextlib
 import ctypes
 import errno
-import itertools
 import json
 import logging
 import os
@@ -109,15 +108,11 @@ def _peer_groups(sock: socket.socket) -> tuple[int, ...]:
         n = min(NGROUPS_MAX, max(size.value // 4, n * 2))   # the kernel said how many
 
 
-_conn_ids = itertools.count(1)
-
-
 class Connection:
     """One client connection: identity, close callbacks and framed I/O with fds."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.id = next(_conn_ids)
         try:
             self.creds = PeerCreds.of(sock)
         except OSError:

@@ -58,7 +58,6 @@ class Handle:
     shared: _Shared
     key: tuple[int, int, bool]
     creds: PeerCreds
-    conn_id: int
     writable: bool = field(default=False)
     inflight: int = 0                   # calls using it now (guarded by State._lock)
     last_used: float = field(default_factory=time.monotonic)
@@ -120,8 +119,7 @@ class State:
             raise RepositoryError(f"repository {path} does not have fs-verity enabled")
         writable = call.creds.uid == 0 or owner
         with self._lock:
-            h = Handle(next(self._ids), shared.repo, shared, key, call.creds,
-                       call.connection.id, writable)
+            h = Handle(next(self._ids), shared.repo, shared, key, call.creds, writable)
             self._handles[h.id] = h
             mine = sorted((x for x in self._handles.values()
                            if x.creds.uid == h.creds.uid and not x.inflight and x is not h),
