@@ -76,10 +76,16 @@ class Machine:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log.read_text()[-3000:]
-            if not self.pid:
-                kids = subprocess.run(["pgrep", "-P", str(self.proc.pid)],
-                                      capture_output=True, text=True).stdout.split()
-                self.pid = int(kids[0]) if kids else 0
+            # the container's init: nspawn's child once it runs systemd (an intermediate
+            # child of nspawn comes and goes while it starts)
+            self.pid = 0
+            for kid in subprocess.run(["pgrep", "-P", str(self.proc.pid)],
+                                      capture_output=True, text=True).stdout.split():
+                try:
+                    if Path(f"/proc/{kid}/comm").read_text().strip() == "systemd":
+                        self.pid = int(kid)
+                except OSError:
+                    continue
             if self.pid:
                 state = self.run("systemctl", "is-system-running", check=False).stdout.strip()
                 if state in ("running", "degraded"):
