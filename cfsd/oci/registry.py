@@ -65,6 +65,14 @@ def read_capped(r: httpx.Response, limit: int, what: str) -> bytes:
     return bytes(out)
 
 
+def _tls_hint(e: Exception) -> str:
+    """A hint when TLS failed against what may be a plain-HTTP (or self-signed) registry."""
+    if "SSL" in str(e) or isinstance(e.__context__, ssl.SSLError):
+        return (" (TLS failed: for a plain-HTTP or self-signed registry use "
+                "--tls-verify=false)")
+    return ""
+
+
 def tls_context() -> ssl.SSLContext:
     """The verifying TLS context (CA bundle loaded once, by the daemon itself)."""
     global _tls
@@ -227,7 +235,8 @@ class RegistryClient:
                 r = self.client.send(req, stream=True, follow_redirects=True)
             except httpx.TransportError as e:
                 if attempt == RETRIES:
-                    raise RegistryError(f"{self.registry}: {type(e).__name__}: {e}") from None
+                    raise RegistryError(f"{self.registry}: {type(e).__name__}: {e}"
+                                        + _tls_hint(e)) from None
                 time.sleep(delay)
                 delay *= 2.5
                 continue
