@@ -55,11 +55,12 @@ def _copy(src: int, dst: int, size: int) -> None:
         if n == 0:
             raise RepositoryError("object shorter than its recorded size")
         off += n
+    if off < size:
+        os.lseek(dst, off, os.SEEK_SET)      # sequential writes from where the kernel stopped
     while off < size:
         data = os.pread(src, min(size - off, 1 << 20), off)
         if not data:
             raise RepositoryError("object shorter than its recorded size")
-        os.lseek(dst, off, os.SEEK_SET)
         write_all(dst, data)
         off += len(data)
 

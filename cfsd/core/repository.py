@@ -60,14 +60,14 @@ VERIFY_IN_MEMORY = 64 << 20    # objects up to this size are verified in memory 
 _absent: int | None = None
 
 
-def _pread_chunks(fd: int, size: int, chunk: int = 1 << 20) -> Iterator[tuple[int, bytes]]:
-    """``(offset, bytes)`` of the first *size* bytes of *fd* (stops early at a short file)."""
+def _pread_chunks(fd: int, size: int, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """The first *size* bytes of *fd*, in chunks (stops early at a short file)."""
     off = 0
     while off < size:
         data = os.pread(fd, min(chunk, size - off), off)
         if not data:
             return
-        yield off, data
+        yield data
         off += len(data)
 
 
@@ -373,24 +373,20 @@ class Repository:
         try:
             size = os.fstat(fd).st_size
             if self.secure:
-                for _, chunk in _pread_chunks(fd, size):
+                for chunk in _pread_chunks(fd, size):
                     write(chunk)
                 return size
             if size <= VERIFY_IN_MEMORY:
-                data = b"".join(c for _, c in _pread_chunks(fd, size))
-                if len(data) != size or fsverity.digest(data, self.alg) != digest:
-                    raise CorruptObject(f"object {digest.hex()} does not match its name")
-                write(data)
+                write(self._read_checked(fd, digest, size))
                 return size
             h = fsverity.FsVerityHasher(self.alg)
             with tempfile.TemporaryFile() as tmp:
-                for _, chunk in _pread_chunks(fd, size):
+                for chunk in _pread_chunks(fd, size):
                     h.update(chunk)
                     tmp.write(chunk)
                 if h.digest() != digest or tmp.tell() != size:
                     raise CorruptObject(f"object {digest.hex()} does not match its name")
-                tfd = tmp.fileno()
-                for _, chunk in _pread_chunks(tfd, size):
+                for chunk in _pread_chunks(tmp.fileno(), size):
                     write(chunk)
             return size
         finally:
@@ -403,11 +399,15 @@ class Repository:
             size = os.fstat(fd).st_size
             if size > limit:
                 raise CorruptObject(f"object {digest.hex()} is too large ({size} bytes)")
-            data = os.pread(fd, size, 0)
+            return self._read_checked(fd, digest, size)
         finally:
             os.close(fd)
-        if fsverity.digest(data, self.alg) != digest:
-            raise CorruptObject(f"object {digest.hex()} does not match its digest")
+
+    def _read_checked(self, fd: int, digest: bytes, size: int) -> bytes:
+        """The *size* bytes of object *fd*, in one read, checked against its name."""
+        data = b"".join(_pread_chunks(fd, size))
+        if len(data) != size or fsverity.digest(data, self.alg) != digest:
+            raise CorruptObject(f"object {digest.hex()} does not match its name")
         return data
 
     def has_object(self, digest: bytes) -> bool:

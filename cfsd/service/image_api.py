@@ -102,24 +102,26 @@ def _read_dump(call: Call, fd: int, strict: bool) -> FileSystem:
     while not _DUMP_SLOTS.acquire(timeout=0.5):
         call.check_cancelled()
     try:
-        chunks = []
-        total = 0
-        while True:
-            call.check_cancelled()
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
-                break
-            total += len(chunk)
-            if total > MAX_DUMP:
-                raise MkcomposefsError(f"dump file larger than {MAX_DUMP >> 20} MiB")
-            chunks.append(chunk)
-        data = b"".join(chunks)
-        del chunks
-        return from_dump(data, strict=strict)
+        return from_dump(_read_bounded(call, fd), strict=strict)
     finally:
-        data = chunks = b""      # noqa: F841 - drop the buffers before trimming
         _DUMP_SLOTS.release()
         _libc.malloc_trim(0)
+
+
+def _read_bounded(call: Call, fd: int) -> bytes:
+    """All of *fd*, at most MAX_DUMP bytes (the call can be cancelled while it reads)."""
+    chunks = []
+    total = 0
+    while True:
+        call.check_cancelled()
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if total > MAX_DUMP:
+            chunks.clear()          # the exception's traceback must not keep them alive
+            raise MkcomposefsError(f"dump file larger than {MAX_DUMP >> 20} MiB")
+        chunks.append(chunk)
 
 
 def _has_usr(fd: int) -> bool:
