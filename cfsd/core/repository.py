@@ -641,9 +641,24 @@ class Repository:
 
     def write_image(self, data: bytes, name: str | None = None) -> bytes:
         """Store an EROFS image, link ``images/<hex>`` (and ``images/refs/<name>``)."""
-        digest = self.ensure_object(data)
         if name is not None:
             validate_ref_name(name)
+        return self._link_image(self.ensure_object(data), name)
+
+    def stream_image(self, emit: Callable[[Callable[[bytes], object]], None],
+                     name: str | None = None) -> bytes:
+        """Like write_image, with the image streamed by ``emit(sink)`` instead of in memory."""
+        if name is not None:
+            validate_ref_name(name)
+        w = ObjectWriter(self)
+        try:
+            emit(w.write)
+            digest = w.finish().digest
+        finally:
+            w.abort()
+        return self._link_image(digest, name)
+
+    def _link_image(self, digest: bytes, name: str | None) -> bytes:
         self.sync()
         self.symlink(f"images/{digest.hex()}", "objects/" + fsverity.object_path(digest))
         if name is not None:

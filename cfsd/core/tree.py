@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import gc
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -25,7 +26,8 @@ __all__ = [
     "IsADirectory", "Leaf", "LeafContent", "LayerItem", "NotADirectory", "NotFound",
     "OrphanedLeaves", "RegularFile", "Socket", "Sparse", "Stat", "Symlink", "TreeError",
     "XattrFiltering", "apply_layer_entry", "canonicalize_run", "copy_root_metadata_from_usr",
-    "file_name", "file_type_bits", "is_whiteout", "paused_gc", "transform_for_oci",
+    "file_name", "file_type_bits", "is_whiteout", "leaf_marks", "paused_gc",
+    "transform_for_oci",
 ]
 
 S_IFMT = 0o170000
@@ -69,6 +71,25 @@ class InvalidFilename(TreeError):
 
 class OrphanedLeaves(TreeError):
     """The leaves table holds leaves that no directory entry references."""
+
+
+_MARKS = threading.Lock()
+
+
+@contextlib.contextmanager
+def leaf_marks(fs: FileSystem) -> Iterator[None]:
+    """Own the ``mark`` slot of the leaves for one whole-tree pass.
+
+    Passes that would otherwise keep a dict per leaf (link counts, liveness) use the slot
+    instead; one lock keeps two passes from sharing it, and on exit every leaf in the
+    table has its mark back at None (a pass only marks leaves of the table).
+    """
+    with _MARKS:
+        try:
+            yield
+        finally:
+            for leaf in fs.leaves:
+                leaf.mark = None
 
 
 @contextlib.contextmanager
@@ -199,10 +220,15 @@ def file_type_bits(content: object) -> int:
 
 @dataclass(eq=False, slots=True)
 class Leaf:
-    """A non-directory inode; shared by identity between hardlinked entries."""
+    """A non-directory inode; shared by identity between hardlinked entries.
+
+    ``mark`` is scratch space for whole-tree passes that must not allocate per leaf (the
+    EROFS writer counts links in it, under its lock); it is None outside such a pass.
+    """
 
     stat: Stat
     content: LeafContent
+    mark: int | None = field(default=None, init=False, repr=False, compare=False)
 
 
 class Directory:
@@ -409,12 +435,22 @@ class FileSystem:
 
     def compact(self) -> None:
         """Drop unreferenced leaves from the table, keeping the order of the rest."""
-        live = self.nlinks()
-        self.leaves = [leaf for leaf in self.leaves if leaf in live]
+        with leaf_marks(self):
+            for leaf in self.leaves:
+                leaf.mark = 0
+            for d in self.directories():
+                for child in d.entries.values():
+                    if type(child) is not Directory and child.mark is not None:  # type: ignore[union-attr]
+                        child.mark = 1  # type: ignore[union-attr]
+            live = [leaf for leaf in self.leaves if leaf.mark]
+            for leaf in self.leaves:
+                leaf.mark = None
+            self.leaves = live
 
     def has_whiteouts(self) -> bool:
         """True if any reachable leaf is a whiteout (chr 0/0)."""
-        return any(is_whiteout(leaf.content) for leaf in self.nlinks())
+        return any(type(child) is not Directory and is_whiteout(child.content)
+                   for d in self.directories() for child in d.entries.values())
 
     def for_each_stat(self) -> Iterator[Stat]:
         """Every directory stat (via the tree) and every leaf stat (via the table)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cfsd.core.erofs import validate_filesystem, write_image
+from cfsd.core.erofs import validate_filesystem, write_image_to
 from cfsd.core.repository import Repository
 from cfsd.oci import image
 from cfsd.oci.image import OciImage
@@ -47,7 +47,8 @@ def finalize_image(repo: Repository, manifest_digest: str,
     fs = create_filesystem(repo, img)
     validate_filesystem(fs)
     for v in missing:
-        have[image_ref_key(v)] = repo.write_image(write_image(fs, v))
+        have[image_ref_key(v)] = repo.stream_image(
+            lambda sink, v=v: write_image_to(fs, v, sink))
     ordered = [(d, img.layer_refs[d]) for d in img.layer_order()]
     boot = {k: v for k, v in have.items() if k.startswith(image.BOOT_PREFIX)}
     refs = {k: v for k, v in have.items() if k in (image.IMAGE_REF_V1, image.IMAGE_REF_V2)}

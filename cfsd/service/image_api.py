@@ -20,7 +20,7 @@ from typing import Any
 
 from cfsd.core import fsverity
 from cfsd.core.dumpfile import dump_directory, leaf_line, write_dumpfile
-from cfsd.core.erofs import erofs_to_filesystem, validate_filesystem, write_image
+from cfsd.core.erofs import erofs_to_filesystem, validate_filesystem, write_image_to
 from cfsd.core.errors import NotFound
 from cfsd.core.fsread import RepositoryStore, ScanError, ScanOptions, read_filesystem
 from cfsd.core.gc import MAX_IMAGE
@@ -222,11 +222,12 @@ class ImageMethods:
                     store = RepositoryStore(repo, staging, owner)
                     fs = self._scan(call, path, repo.alg, options, fd, store)
                     validate_filesystem(fs)
-                    images = [(v, write_image(fs, v)) for v in versions]
                     with owner():
                         staging.commit()
-                        ids = [(v, repo.write_image(data, name if i == 0 else None))
-                               for i, (v, data) in enumerate(images)]
+                        ids = [(v, repo.stream_image(
+                                    lambda sink, v=v: write_image_to(fs, v, sink),
+                                    name if i == 0 else None))
+                               for i, v in enumerate(versions)]
                 finally:
                     with owner():
                         staging.abort()
@@ -243,8 +244,9 @@ class ImageMethods:
         alg = self._algorithm(call, repository, algorithm, repository_fd)
         fs = self._scan(call, path, alg, options, self._open_tree(call, path, options, path_fd))
         validate_filesystem(fs)
-        return {"image_id": fsverity.digest(write_image(fs, version), alg).hex(),
-                "algorithm": alg.name}
+        hasher = fsverity.FsVerityHasher(alg)
+        write_image_to(fs, version, hasher.update)
+        return {"image_id": hasher.digest().hex(), "algorithm": alg.name}
 
     def CreateDumpfile(self, call: Call, path: str, repository: str | None = None,  # noqa: N802
                        algorithm: str | None = None,

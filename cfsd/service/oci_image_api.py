@@ -9,7 +9,7 @@ from typing import Any
 from cfsd.core import fsverity, tree
 from cfsd.core.checkout import checkout
 from cfsd.core.dumpfile import directory_line, hardlink_line, leaf_line, write_dumpfile
-from cfsd.core.erofs import write_image
+from cfsd.core.erofs import write_image_to
 from cfsd.core.errors import NotFound
 from cfsd.core.mount import composefs_mount
 from cfsd.core.repository import Repository
@@ -73,8 +73,9 @@ class OciImageMethods:
             with repo.lock.shared():
                 img = _open(repo, image, verity)
                 fs = create_filesystem(repo, img, xattrs=XATTR_MODES[xattrs])
-                data = write_image(fs, repo.meta.format_versions()[0])
-            return {"image_id": fsverity.digest(data, repo.alg).hex()}
+                hasher = fsverity.FsVerityHasher(repo.alg)
+                write_image_to(fs, repo.meta.format_versions()[0], hasher.update)
+            return {"image_id": hasher.digest().hex()}
 
     def Dump(self, call: Call, handle: int, image: str,  # noqa: N802
              xattrs: str | None = None) -> dict[str, Any]:

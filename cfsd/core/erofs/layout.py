@@ -1,23 +1,27 @@
 """Layout and emission of composefs EROFS images (storage.md 8.8-8.9).
 
-The writer (:mod:`cfsd.core.erofs.writer`) produces a list of :class:`Ino` in inode index
-order with their final local/shared xattrs.  :func:`emit_image` runs the Epoch1 data-block
-fix-ups, computes every offset in a single pass (inode positions, ``inodes_end``, shared
-xattr offsets, data-block offsets) and then writes the image into one zero-filled
-``bytearray`` with ``struct.pack_into`` (padding is implicit).
+The writer (:mod:`cfsd.core.erofs.writer`) fills an :class:`Inodes` table: one row per
+inode, in inode index order, kept as columns (arrays of machine integers, not an object
+per inode) so that a million-entry tree costs tens of megabytes.  :func:`emit_image` runs
+the Epoch1 data-block fix-ups, computes every offset in one pass (inode positions,
+``inodes_end``, shared xattr offsets, data-block offsets) and then streams the image out
+in a second, front to back: inodes, shared xattrs, data blocks.  Nothing the size of the
+image is ever held in memory.
 """
 
 from __future__ import annotations
 
+from array import array
+from collections.abc import Callable
+
 from cfsd.core.erofs import format as F
 from cfsd.core.erofs.format import ErofsError
-from cfsd.core.tree import Inline, Stat, Symlink
+from cfsd.core.tree import Directory, Inline, Leaf, Symlink
 
 B = F.BLOCK_SIZE
 _MASK64 = (1 << 64) - 1
 _FT_MODE = {F.FT_REG: F.S_IFREG, F.FT_DIR: F.S_IFDIR, F.FT_CHR: F.S_IFCHR,
-            F.FT_BLK: F.S_IFBLK, F.FT_FIFO: F.S_IFIFO, F.FT_SOCK: F.S_IFSOCK,
-            F.FT_LNK: F.S_IFLNK}
+            F.FT_BLK: F.S_IFBLK, F.FT_FIFO: F.S_IFIFO, F.FT_SOCK: F.S_IFSOCK, F.FT_LNK: F.S_IFLNK}
 
 _PLAIN = F.LAYOUT_FLAT_PLAIN
 _INLINE = F.LAYOUT_FLAT_INLINE
@@ -28,154 +32,238 @@ _FT_CHR = F.FT_CHR
 _FT_BLK = F.FT_BLK
 _FT_LNK = F.FT_LNK
 
-_pack_compact = F.COMPACT_INODE.pack_into
-_pack_extended = F.EXTENDED_INODE.pack_into
-_pack_xhdr = F.XATTR_IBODY_HEADER.pack_into
-_pack_xent = F.XATTR_ENTRY.pack_into
-_pack_dirent = F.DIRENT.pack_into
+_compact = F.COMPACT_INODE.pack
+_extended = F.EXTENDED_INODE.pack
+_xhdr = F.XATTR_IBODY_HEADER.pack
+_xent = F.XATTR_ENTRY.pack
+_dirent = F.DIRENT.pack
+
+# Inodes.flags bits
+ESCAPED = 1          # a whiteout written as an escaped regular file
+
+FLUSH_AT = 1 << 20   # bytes buffered before they are handed to the sink
+
+Xattr = tuple[int, bytes, bytes]    # (prefix index, name suffix, value)
 
 
-class Ino:
-    """One inode being written (directory or leaf)."""
+class Xattrs:
+    """The xattrs of one inode: local entries, references to shared ones, filter bits."""
 
-    __slots__ = ("stat", "ft", "content", "idx", "nlink", "local", "shared", "filt",
-                 "n_blocks", "tail", "escaped", "blocks", "inline", "size", "inline_len")
+    __slots__ = ("local", "shared", "filt")
 
-    def __init__(self, stat: Stat, ft: int, content: object) -> None:
-        self.stat = stat
-        self.ft = ft
-        self.content = content          # LeafContent, or None for a directory
-        self.idx = 0
-        self.nlink = 1
-        self.local: list[tuple[int, bytes, bytes]] | None = None
-        self.shared: list[int] | None = None
+    def __init__(self) -> None:
+        self.local: list[Xattr] = []
+        self.shared: list[int] = []
         self.filt = 0
-        self.n_blocks = 0
-        self.tail = 0
-        self.escaped = False
-        self.blocks: list[list[tuple[bytes, int, int]]] | None = None
-        self.inline: list[tuple[bytes, int, int]] | None = None
-        self.size = 0
-        self.inline_len = 0
 
-    def set_dir_entries(self, ents: list[tuple[bytes, int, int]]) -> None:
-        """Split sorted ``(name, inode index, file type)`` entries into blocks + inline tail."""
-        blocks: list[list[tuple[bytes, int, int]]] = []
-        cur: list[tuple[bytes, int, int]] = []
-        n = 0
-        nlink = 0
-        for e in ents:
-            sz = 12 + len(e[0])
-            if sz > B:
-                raise ErofsError(f"file name too long: {e[0]!r}")
-            if e[2] == _FT_DIR:
-                nlink += 1
-            n += sz
-            if n <= B:
-                cur.append(e)
-            else:
-                blocks.append(cur)
-                cur = [e]
-                n = sz
-        if n > B // 2:
-            blocks.append(cur)
-            cur = []
-            n = 0
-        self.blocks = blocks
-        self.inline = cur
-        self.size = B * len(blocks) + n
-        self.inline_len = n
-        self.nlink = nlink
-        self.n_blocks = len(blocks)
-
-    def xattr_size(self) -> int:
-        """Size of the inode's xattr area (0 without xattrs)."""
-        if not self.filt:
-            return 0
-        n = 12
-        if self.shared:
-            n += 4 * len(self.shared)
-        if self.local:
-            for _i, s, v in self.local:
-                n += (4 + len(s) + len(v) + 3) & ~3
+    def size(self) -> int:
+        """Size of the inode's xattr area."""
+        n = 12 + 4 * len(self.shared)
+        for _i, s, v in self.local:
+            n += (4 + len(s) + len(v) + 3) & ~3
         return n
 
 
-def _fits_compact(st: Stat, min_mtime: tuple[int, int], size: int, nlink: int) -> bool:
+class Inodes:
+    """The inode table, one row per inode in index order, stored column-wise.
+
+    ``obj`` is the tree node (a :class:`Leaf` or :class:`Directory`), ``ft`` the EROFS
+    file type, ``tail`` the inline byte count (for a directory: its inline dirent bytes).
+    Directories also have ``dirents[idx] = (names, children)``: every name including
+    ``.`` and ``..`` in byte order and the inode index each refers to.
+    """
+
+    __slots__ = ("obj", "ft", "nlink", "n_blocks", "tail", "flags", "xattrs", "dirents")
+
+    def __init__(self) -> None:
+        self.obj: list[Directory | Leaf] = []
+        self.ft = bytearray()
+        self.nlink = array("I")
+        self.n_blocks = array("I")
+        self.tail = array("I")
+        self.flags = bytearray()
+        self.xattrs: dict[int, Xattrs] = {}
+        self.dirents: dict[int, tuple[list[bytes], array]] = {}
+
+    def __len__(self) -> int:
+        return len(self.obj)
+
+    def push(self, obj: Directory | Leaf, ft: int) -> int:
+        """Append a row; its index."""
+        self.obj.append(obj)
+        self.ft.append(ft)
+        self.nlink.append(1)
+        self.n_blocks.append(0)
+        self.tail.append(0)
+        self.flags.append(0)
+        return len(self.obj) - 1
+
+    def xattr_size(self, idx: int) -> int:
+        """Size of inode *idx*'s xattr area (0 without xattrs)."""
+        x = self.xattrs.get(idx)
+        return x.size() if x is not None and x.filt else 0
+
+
+def dirent_runs(names: list[bytes]) -> tuple[list[int], int]:
+    """How the dirents *names* split into blocks: ``(bounds, inline bytes)``.
+
+    Entries fill 4 KiB blocks in order; what is left goes inline when it is at most half a
+    block, otherwise into one more block.  Block k holds ``names[bounds[k]:bounds[k+1]]``
+    and the inline run is ``names[bounds[-1]:]`` (empty when the inline byte count is 0).
+    """
+    bounds: list[int] = []
+    n = 0
+    start = 0
+    for i, name in enumerate(names):
+        sz = 12 + len(name)
+        if sz > B:
+            raise ErofsError(f"file name too long: {name!r}")
+        n += sz
+        if n > B:
+            bounds.append(start)
+            start = i
+            n = sz
+    if n > B // 2:
+        bounds.append(start)
+        start = len(names)
+        n = 0
+    bounds.append(start)
+    return bounds, n
+
+
+def _fits_compact(st: object, min_mtime: tuple[int, int], size: int, nlink: int) -> bool:
     return ((st.st_mtim_sec & _MASK64) == min_mtime[0] and st.st_mtim_nsec == min_mtime[1]
             and nlink <= 0xFFFF and st.st_uid <= 0xFFFF and st.st_gid <= 0xFFFF
             and size <= 0xFFFFFFFF)
 
 
-def _leaf_size(ino: Ino) -> int:
-    c = ino.content
+def _leaf_size(c: object, escaped: bool) -> int:
     t = type(c)
     if t is Inline:
         return len(c.data)
     if t is Symlink:
         return len(c.target)
-    if ino.escaped:
+    if escaped:
         return 0
     return getattr(c, "size", 0)
 
 
-def _fixup_epoch1(inodes: list[Ino], min_mtime: tuple[int, int]) -> None:
+def _fixup_epoch1(ino: Inodes, min_mtime: tuple[int, int]) -> None:
     """Move long symlink targets and oversized chunk indexes to a data block (8.8)."""
-    for ino in inodes:
-        tail = ino.tail
-        if not tail or ino.content is None:
+    tails = ino.tail
+    obj = ino.obj
+    ft = ino.ft
+    for idx, tail in enumerate(tails):
+        if not tail or ft[idx] == _FT_DIR:
             continue
-        t = type(ino.content)
+        leaf = obj[idx]
+        t = type(leaf.content)
         if t is Symlink:
-            hs = 32 if _fits_compact(ino.stat, min_mtime, tail, ino.nlink) else 64
-            if hs + ino.xattr_size() + tail >= B:
-                ino.n_blocks += 1
-                ino.tail = 0
+            hs = 32 if _fits_compact(leaf.stat, min_mtime, tail, ino.nlink[idx]) else 64
+            if hs + ino.xattr_size(idx) + tail >= B:
+                ino.n_blocks[idx] += 1
+                tails[idx] = 0
         elif t is not Inline:
-            if tail + ino.xattr_size() % 32 > B:
-                ino.n_blocks = 1
-                ino.tail = 0
+            if tail + ino.xattr_size(idx) % 32 > B:
+                ino.n_blocks[idx] = 1
+                tails[idx] = 0
 
 
-def emit_image(inodes: list[Ino], shared: list[tuple[int, bytes, bytes]], version: int,
-               flags: int, min_mtime: tuple[int, int]) -> bytes:
-    """Lay out and write the image bytes."""
+class _Out:
+    """A front-to-back writer of the image that pads gaps with zeros."""
+
+    __slots__ = ("sink", "buf", "done")
+
+    def __init__(self, sink: Callable[[bytes], object]) -> None:
+        self.sink = sink
+        self.buf = bytearray()
+        self.done = 0                # bytes already handed to the sink
+
+    def at(self, pos: int) -> None:
+        """Pad with zeros up to absolute offset *pos*."""
+        gap = pos - self.done - len(self.buf)
+        if gap < 0:
+            raise AssertionError("image emitted out of order")
+        if gap:
+            self.buf += bytes(gap)
+        if len(self.buf) >= FLUSH_AT:
+            self.flush()
+
+    def flush(self) -> None:
+        """Hand everything buffered to the sink."""
+        if self.buf:
+            self.sink(bytes(self.buf))
+            self.done += len(self.buf)
+            self.buf = bytearray()
+
+
+def _xattr_bytes(x: Xattrs, shared_ref: list[int]) -> bytes:
+    if len(x.shared) > 255:
+        raise ErofsError("too many shared xattrs on one inode")
+    parts = [_xhdr(~x.filt & 0xFFFFFFFF, len(x.shared))]
+    parts.extend(shared_ref[r].to_bytes(4, "little") for r in x.shared)
+    for i, s, v in x.local:
+        e = _xent(len(s), i, len(v)) + s + v
+        parts.append(e + bytes(-len(e) % 4))
+    return b"".join(parts)
+
+
+def _dirent_bytes(names: list[bytes], kids: array, lo: int, hi: int, pos: array,
+                  ft: bytearray) -> bytes:
+    """One run of dirents: all 12-byte headers, then the names back to back."""
+    nameoff = 12 * (hi - lo)
+    heads = []
+    for i in range(lo, hi):
+        ref = kids[i]
+        heads.append(_dirent(pos[ref] >> 5, nameoff, ft[ref]))
+        nameoff += len(names[i])
+    return b"".join(heads) + b"".join(names[lo:hi])
+
+
+def emit_image(ino: Inodes, shared: list[Xattr], version: int, flags: int,
+               min_mtime: tuple[int, int], sink: Callable[[bytes], object]) -> None:
+    """Lay out the image and stream its bytes to *sink*."""
     epoch1 = version < 2
     if epoch1:
-        _fixup_epoch1(inodes, min_mtime)
-    n = len(inodes)
-    pos_of = [0] * n
-    hsize = [0] * n
-    xsize = [0] * n
-    meta_size = [0] * n
-    layout_of = [0] * n
+        _fixup_epoch1(ino, min_mtime)
+    n = len(ino)
+    objs = ino.obj
+    fts = ino.ft
+    nlinks = ino.nlink
+    nblocks = ino.n_blocks
+    tails = ino.tail
+    escaped_flags = ino.flags
+    xattrs = ino.xattrs
+    pos_of = array("Q", bytes(8 * n))
+    extended = bytearray(n)          # 1: 64-byte extended inode
+    layout_of = bytearray(n)
 
     # ---------------------------------------------------------------- pass 1: layout
     min_sec, min_nsec = min_mtime
     pos = F.SUPERBLOCK_END
-    for idx, ino in enumerate(inodes):
-        c = ino.content
-        ft = ino.ft
-        if c is None:  # directory
-            size = ino.size
-            layout = _PLAIN if not ino.inline else _INLINE
-            inline_len = ino.inline_len
+    for idx in range(n):
+        ft = fts[idx]
+        tail = tails[idx]
+        if ft == _FT_DIR:
+            size = B * nblocks[idx] + tail
+            layout = _INLINE if tail else _PLAIN
+            inline_len = tail
+            st = objs[idx].stat
         else:
+            leaf = objs[idx]
+            st = leaf.stat
+            c = leaf.content
             t = type(c)
-            size = _leaf_size(ino)
-            if ino.escaped:
+            esc = escaped_flags[idx] & ESCAPED
+            size = _leaf_size(c, esc)
+            if esc:
                 layout = _PLAIN
                 inline_len = 0
             elif t is Inline:
-                if size == 0:
-                    layout = _PLAIN
-                elif ino.n_blocks and not ino.tail:
-                    layout = _PLAIN
-                else:
-                    layout = _INLINE
-                inline_len = ino.tail
+                layout = _PLAIN if size == 0 or (nblocks[idx] and not tail) else _INLINE
+                inline_len = tail
             elif t is Symlink:
-                if ino.n_blocks:
+                if nblocks[idx]:
                     layout = _PLAIN
                     inline_len = 0
                 else:
@@ -183,14 +271,13 @@ def emit_image(inodes: list[Ino], shared: list[tuple[int, bytes, bytes]], versio
                     inline_len = size
             elif ft == _FT_REG:
                 layout = _CHUNK
-                inline_len = ino.tail
+                inline_len = tail
             else:
                 layout = _PLAIN
                 inline_len = 0
-        xs = ino.xattr_size() if ino.filt else 0
-        st = ino.stat
+        xs = ino.xattr_size(idx) if idx in xattrs else 0
         hs = 32 if (epoch1 and st.st_mtim_nsec == min_nsec and (st.st_mtim_sec & _MASK64) == min_sec
-                    and ino.nlink <= 0xFFFF and st.st_uid <= 0xFFFF and st.st_gid <= 0xFFFF
+                    and nlinks[idx] <= 0xFFFF and st.st_uid <= 0xFFFF and st.st_gid <= 0xFFFF
                     and size <= 0xFFFFFFFF) else 64
         pos = (pos + 31) & ~31
         if epoch1:
@@ -198,11 +285,11 @@ def emit_image(inodes: list[Ino], shared: list[tuple[int, bytes, bytes]], versio
                 if pos // B != (pos + hs + xs + size - 1) // B and pos % B:
                     pos = (pos + B - 1) & ~(B - 1)
             elif layout == _CHUNK:
-                if ino.tail:
+                if tail:
                     r = (pos + hs + xs) % B
-                    if r and B - r < ino.tail:
+                    if r and B - r < tail:
                         pos += (B - r + 31) & ~31
-                elif ino.n_blocks and pos % B:
+                elif nblocks[idx] and pos % B:
                     pos = (pos + B - 1) & ~(B - 1)
             if layout == _INLINE:
                 inl = size % B
@@ -219,9 +306,7 @@ def emit_image(inodes: list[Ino], shared: list[tuple[int, bytes, bytes]], versio
                 pos += B - (s - 1) % B
                 pos = (pos + 31) & ~31
         pos_of[idx] = pos
-        hsize[idx] = hs
-        xsize[idx] = xs
-        meta_size[idx] = size
+        extended[idx] = hs == 64
         layout_of[idx] = layout
         pos += hs + xs + inline_len
     inodes_end = (pos + 31) & ~31
@@ -231,13 +316,13 @@ def emit_image(inodes: list[Ino], shared: list[tuple[int, bytes, bytes]], versio
         shared_off.append(pos)
         pos += (4 + len(s) + len(v) + 3) & ~3
     pos = (pos + B - 1) & ~(B - 1)
-    blk_of = [0] * n
-    for idx, ino in enumerate(inodes):
-        blk_of[idx] = pos
-        if ino.n_blocks:
-            c = ino.content
-            if c is None or type(c) is Inline:
-                pos += B * ino.n_blocks
+    blk_of: dict[int, int] = {}
+    for idx in range(n):
+        nb = nblocks[idx]
+        if nb:
+            blk_of[idx] = pos
+            if fts[idx] == _FT_DIR or type(objs[idx].content) is Inline:
+                pos += B * nb
             else:  # promoted symlink target or chunk index: one block
                 pos += B
     end = pos
@@ -245,11 +330,12 @@ def emit_image(inodes: list[Ino], shared: list[tuple[int, bytes, bytes]], versio
         raise ErofsError("image too large")
 
     # ---------------------------------------------------------------- pass 2: emit
-    buf = bytearray(end)
-    F.HEADER.pack_into(buf, 0, F.COMPOSEFS_MAGIC, F.COMPOSEFS_HEADER_VERSION, flags, version)
+    out = _Out(sink)
+    out.buf += F.HEADER.pack(F.COMPOSEFS_MAGIC, F.COMPOSEFS_HEADER_VERSION, flags, version)
     build_time, build_nsec = min_mtime if epoch1 else (0, 0)
-    F.SUPERBLOCK.pack_into(
-        buf, F.SUPERBLOCK_OFFSET, F.EROFS_MAGIC, 0,
+    out.at(F.SUPERBLOCK_OFFSET)
+    out.buf += F.SUPERBLOCK.pack(
+        F.EROFS_MAGIC, 0,
         F.FEATURE_COMPAT_MTIME | F.FEATURE_COMPAT_XATTR_FILTER, F.BLOCK_BITS, 0,
         (pos_of[0] // 32) & 0xFFFF, n, build_time, build_nsec, end // B, 0,
         inodes_end // B if epoch1 else 0, b"", b"", 0, 0, 0, 0, 0, 0, 0, 0, 0)
@@ -260,122 +346,97 @@ def emit_image(inodes: list[Ino], shared: list[tuple[int, bytes, bytes]], versio
     else:
         shared_ref = [o >> 2 for o in shared_off]
 
-    for idx, ino in enumerate(inodes):
+    buf = out.buf
+    for idx in range(n):
         p = pos_of[idx]
-        hs = hsize[idx]
-        xs = xsize[idx]
-        size = meta_size[idx]
+        out.at(p)
+        buf = out.buf
         layout = layout_of[idx]
-        st = ino.stat
-        c = ino.content
-        # the u field
-        if c is None:
-            u = blk_of[idx] // B if ino.blocks else 0
+        ft = fts[idx]
+        node = objs[idx]
+        st = node.stat
+        nb = nblocks[idx]
+        tail = tails[idx]
+        esc = escaped_flags[idx] & ESCAPED
+        if ft == _FT_DIR:
+            c = None
+            size = B * nb + tail
+            u = blk_of[idx] // B if nb else 0
         else:
-            t = type(c)
-            if ino.escaped:
+            c = node.content
+            size = _leaf_size(c, esc)
+            if esc:
                 u = 0
             elif layout == _CHUNK:
                 u = F.chunk_bits(size) - F.BLOCK_BITS if epoch1 else 31
-                if ino.n_blocks:
+                if nb:
                     u |= (blk_of[idx] // B) & 0xFFFF0000
-            elif ino.n_blocks:
+            elif nb:
                 u = blk_of[idx] // B
-            elif ino.ft == _FT_CHR or ino.ft == _FT_BLK:
+            elif ft == _FT_CHR or ft == _FT_BLK:
                 u = c.rdev
                 if u > 0xFFFFFFFF:
                     raise ErofsError(f"device number {u} exceeds EROFS u32 limit")
             else:
                 u = 0
-        mode = _FT_MODE[ino.ft] | (st.st_mode & 0o7777)
-        fmt_layout = layout
+        mode = _FT_MODE[ft] | (st.st_mode & 0o7777)
+        x = xattrs.get(idx)
+        xs = x.size() if x is not None and x.filt else 0
         icount = 0 if xs == 0 else 1 + (xs - 12) // 4
         if icount > 0xFFFF:
             raise ErofsError("too many xattrs on one inode")
-        if hs == 32:
-            _pack_compact(buf, p, fmt_layout, icount, mode, ino.nlink, size, 0, u, idx,
-                          st.st_uid, st.st_gid)
+        nlink = nlinks[idx]
+        if not extended[idx]:
+            buf += _compact(layout, icount, mode, nlink, size, 0, u, idx, st.st_uid, st.st_gid)
         else:
-            if st.st_uid > 0xFFFFFFFF or st.st_gid > 0xFFFFFFFF or ino.nlink > 0xFFFFFFFF:
+            if st.st_uid > 0xFFFFFFFF or st.st_gid > 0xFFFFFFFF or nlink > 0xFFFFFFFF:
                 raise ErofsError("uid, gid or nlink out of range")
-            _pack_extended(buf, p, fmt_layout | 1, icount, mode, 0, size & _MASK64, u,
-                           idx if epoch1 else p // 32, st.st_uid, st.st_gid,
-                           st.st_mtim_sec & _MASK64, st.st_mtim_nsec if epoch1 else 0,
-                           ino.nlink)
-        q = p + hs
+            buf += _extended(layout | 1, icount, mode, 0, size & _MASK64, u,
+                             idx if epoch1 else p // 32, st.st_uid, st.st_gid,
+                             st.st_mtim_sec & _MASK64, st.st_mtim_nsec if epoch1 else 0,
+                             nlink)
         if xs:
-            nshared = len(ino.shared) if ino.shared else 0
-            if nshared > 255:
-                raise ErofsError("too many shared xattrs on one inode")
-            _pack_xhdr(buf, q, ~ino.filt & 0xFFFFFFFF, nshared)
-            q += 12
-            if nshared:
-                for ref in ino.shared:  # type: ignore[union-attr]
-                    buf[q:q + 4] = shared_ref[ref].to_bytes(4, "little")
-                    q += 4
-            if ino.local:
-                for i, s, v in ino.local:
-                    _pack_xent(buf, q, len(s), i, len(v))
-                    q += 4
-                    buf[q:q + len(s)] = s
-                    q += len(s)
-                    buf[q:q + len(v)] = v
-                    q = (q + len(v) + 3) & ~3
+            buf += _xattr_bytes(x, shared_ref)
         # inline part
         if c is None:
-            if ino.inline:
-                _write_dirents(buf, q, ino.inline, pos_of)
-        elif not ino.escaped:
+            if tail:
+                names, kids = ino.dirents[idx]
+                lo = dirent_runs(names)[0][-1]
+                buf += _dirent_bytes(names, kids, lo, len(names), pos_of, fts)
+        elif not esc:
             t = type(c)
             if t is Inline:
-                if ino.tail:
+                if tail:
                     data = c.data
-                    buf[q:q + ino.tail] = data[len(data) - ino.tail:]
+                    buf += data[len(data) - tail:]
             elif t is Symlink:
-                if not ino.n_blocks:
-                    buf[q:q + size] = c.target
-            elif layout == _CHUNK and ino.tail:
-                buf[q:q + ino.tail] = b"\xff" * ino.tail
+                if not nb:
+                    buf += c.target
+            elif layout == _CHUNK and tail:
+                buf += b"\xff" * tail
 
-    q = inodes_end
+    out.at(inodes_end)
     for i, s, v in shared:
-        _pack_xent(buf, q, len(s), i, len(v))
-        q += 4
-        buf[q:q + len(s)] = s
-        q += len(s)
-        buf[q:q + len(v)] = v
-        q = (q + len(v) + 3) & ~3
+        e = _xent(len(s), i, len(v)) + s + v
+        out.buf += e + bytes(-len(e) % 4)
 
-    for idx, ino in enumerate(inodes):
-        if not ino.n_blocks:
+    for idx, q in blk_of.items():
+        out.at(q)
+        nb = nblocks[idx]
+        if fts[idx] == _FT_DIR:
+            names, kids = ino.dirents[idx]
+            bounds = dirent_runs(names)[0]
+            for k in range(nb):
+                out.at(q + k * B)
+                out.buf += _dirent_bytes(names, kids, bounds[k], bounds[k + 1], pos_of, fts)
             continue
-        q = blk_of[idx]
-        c = ino.content
-        if c is None:
-            for blk in ino.blocks:  # type: ignore[union-attr]
-                _write_dirents(buf, q, blk, pos_of)
-                q += B
-        elif type(c) is Inline:
-            data = c.data
-            nb = ino.n_blocks * B
-            chunk = data[:nb]
-            buf[q:q + len(chunk)] = chunk
+        c = objs[idx].content
+        if type(c) is Inline:
+            out.buf += c.data[:nb * B]
         elif type(c) is Symlink:
-            chunk = c.target[:B]
-            buf[q:q + len(chunk)] = chunk
+            out.buf += c.target[:B]
         else:
-            buf[q:q + B] = b"\xff" * B
-    return bytes(buf)
+            out.buf += b"\xff" * B
+    out.at(end)
+    out.flush()
 
-
-def _write_dirents(buf: bytearray, off: int, ents: list[tuple[bytes, int, int]],
-                   pos_of: list[int]) -> None:
-    """Write one directory block: all 12-byte headers, then the names back to back."""
-    nameoff = 12 * len(ents)
-    p = off
-    for name, ref, ft in ents:
-        _pack_dirent(buf, p, pos_of[ref] >> 5, nameoff, ft)
-        p += 12
-        nameoff += len(name)
-    names = b"".join(e[0] for e in ents)
-    buf[p:p + len(names)] = names

@@ -3,18 +3,26 @@
 ``write_image(fs, version)`` is a pure function of the tree and the version.  V0/V1
 ("Epoch1") follow C mkcomposefs byte for byte (BFS inode order, compact inodes, 256
 whiteout stubs, escaped whiteouts); V2 follows the legacy composefs-rs layout (DFS order,
-extended inodes).  The image is built in memory: inodes are collected and prepared here,
-then :mod:`cfsd.core.erofs.layout` computes every offset in one pass and emits the bytes
-into a preallocated buffer in a second.
+extended inodes).  Inodes are collected here into a column-wise table
+(:class:`~cfsd.core.erofs.layout.Inodes`), then :mod:`cfsd.core.erofs.layout` computes
+every offset in one pass and streams the bytes out in a second
+(``write_image_to(fs, version, sink)``): memory grows by a few dozen bytes per entry,
+never by the size of the image.
+
+Link counts live in each leaf's ``mark`` slot during collection (a dict per leaf would
+cost more than the tree itself), held with ``tree.leaf_marks``.
 """
 
 from __future__ import annotations
 
+from array import array
+from bisect import bisect_left
 from collections import Counter, deque
+from collections.abc import Callable
 
 from cfsd.core.erofs import format as F
 from cfsd.core.erofs.format import ErofsError
-from cfsd.core.erofs.layout import Ino, emit_image
+from cfsd.core.erofs.layout import ESCAPED, Inodes, Xattr, Xattrs, dirent_runs, emit_image
 from cfsd.core.errors import TooDeep
 from cfsd.core.tree import (
     MAX_DEPTH,
@@ -32,10 +40,12 @@ from cfsd.core.tree import (
     Stat,
     Symlink,
     TreeError,
+    leaf_marks,
     paused_gc,
 )
 
-__all__ = ["ErofsError", "select_c_version", "validate_filesystem", "write_image"]
+__all__ = ["ErofsError", "select_c_version", "validate_filesystem", "write_image",
+           "write_image_to"]
 
 LCFS_VERSION_MAX = 1
 LCFS_DEFAULT_VERSION_MIN = 0
@@ -73,97 +83,120 @@ def select_c_version(fs: FileSystem, min_version: int | None = None,
 
 
 def validate_filesystem(fs: FileSystem) -> None:
-    """Check the tree can be written: fsck clean and no hardlinked whiteout."""
+    """Check the tree can be written: fsck clean, valid names, not too deep, no hardlinked
+    whiteout.  Costs no memory per entry."""
+    with leaf_marks(fs):
+        _count_links(fs)
+
+
+def _invalid(fs: FileSystem) -> ErofsError:
+    """The error for a tree whose entries and leaf table disagree (fsck's words)."""
+    for leaf in fs.leaves:
+        leaf.mark = None
     try:
         fs.fsck()
     except TreeError as e:
-        raise ErofsError(f"invalid composefs filesystem: {e}") from e
-    if fs.depth() > MAX_DEPTH:
-        raise TooDeep(f"the tree nests deeper than {MAX_DEPTH} directories")
-    for leaf, n in fs.nlinks().items():
-        if n > 1 and type(leaf.content) is CharacterDevice and leaf.content.rdev == 0:
-            raise ErofsError("invalid composefs filesystem: whiteout inode has nlink > 1")
+        return ErofsError(f"invalid composefs filesystem: {e}")
+    return ErofsError("invalid composefs filesystem")
+
+
+def _count_links(fs: FileSystem) -> int:
+    """Put every leaf's link count in ``leaf.mark`` and validate the tree on the way.
+
+    Returns how many leaves are hardlinked.  Every leaf must be in the leaf table exactly
+    once and be referenced; names must be valid; the tree no deeper than MAX_DEPTH; no
+    whiteout hardlinked.  Runs inside ``leaf_marks(fs)``.
+    """
+    leaves = fs.leaves
+    for leaf in leaves:
+        if leaf.mark is not None:
+            raise _invalid(fs)          # listed twice
+        leaf.mark = 0
+    hard = 0
+    stack = [(fs.root, 0)]
+    while stack:
+        d, level = stack.pop()
+        for name, child in d.entries.items():
+            if not name or b"/" in name or b"\0" in name or name == b"." or name == b"..":
+                raise ErofsError(f"invalid file name {name!r}")
+            if type(child) is Directory:
+                if level >= MAX_DEPTH:
+                    raise TooDeep(f"the tree nests deeper than {MAX_DEPTH} directories")
+                stack.append((child, level + 1))
+                continue
+            m = child.mark  # type: ignore[union-attr]
+            if m is None:
+                raise _invalid(fs)      # not in the leaf table
+            if m == 1:
+                hard += 1
+                c = child.content  # type: ignore[union-attr]
+                if type(c) is CharacterDevice and c.rdev == 0:
+                    raise ErofsError("invalid composefs filesystem: whiteout inode has nlink > 1")
+            child.mark = m + 1  # type: ignore[union-attr]
+    for leaf in leaves:
+        if not leaf.mark:
+            raise _invalid(fs)          # orphaned
+    return hard
 
 
 class _Collector:
-    """Builds the inode list (with local xattrs and data placement) for one version."""
+    """Builds the inode table (with local xattrs and data placement) for one version."""
 
     def __init__(self, fs: FileSystem, version: int) -> None:
         self.fs = fs
         self.version = version
         self.epoch1 = version < 2
-        self.inodes: list[Ino] = []
+        self.ino = Inodes()
         self.hardlinks: dict[Leaf, int] = {}
-        self.sorted: dict[int, list[tuple[bytes, Directory | Leaf]]] = {}
-        self.nlinks: dict[Leaf, int] = {}
         self.first_dir: dict[Leaf, Directory] = {}
         self._names: dict[bytes, tuple[int, bytes, int]] = {}
-        self.stubs: list[tuple[bytes, Leaf]] = []
+        self.stubs: dict[bytes, Leaf] = {}
         self._metacopy_bit = self._name(F.XATTR_OVERLAY_METACOPY)[2]
         self._overlay_bits = self._metacopy_bit | self._name(F.XATTR_OVERLAY_REDIRECT)[2]
 
     # ---------------------------------------------------------------- traversal helpers
 
-    def _entries(self, d: Directory) -> list[tuple[bytes, Directory | Leaf]]:
-        ents = self.sorted.get(id(d))
-        if ents is None:
-            ents = sorted(d.entries.items())
-            for name, _child in ents:
-                if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
-                    raise ErofsError(f"invalid file name {name!r}")
-            if d is self.fs.root and self.stubs:
-                ents = sorted(ents + self.stubs)
-            self.sorted[id(d)] = ents
-        return ents
+    def _sorted_names(self, d: Directory) -> list[bytes]:
+        names = sorted(d.entries)
+        if self.stubs and d is self.fs.root:
+            names = sorted(names + list(self.stubs))
+        return names
 
-    def scan(self) -> None:
-        """DFS in name order: nlink of every leaf and the directory of its first occurrence."""
+    def prepare(self, hardlinked: int) -> None:
+        """Whiteout stubs (Epoch1) and, for hardlinks, the directory of the first link.
+
+        C gives a hardlinked leaf its inode where a name-ordered DFS meets it first.
+        """
         fs = self.fs
-        if self.epoch1:
-            root = fs.root
-            rst = root.stat
-            xattrs = {}
-            sel = rst.xattrs.get(F.XATTR_SECURITY_SELINUX)
-            if sel is not None:
-                xattrs[F.XATTR_SECURITY_SELINUX] = sel
-            stub_stat = Stat(0o644, rst.st_uid, rst.st_gid, rst.st_mtim_sec, rst.st_mtim_nsec,
-                             xattrs)
-            present = root.entries
-            for i in range(256):
-                name = b"%02x" % i
-                if name not in present:
-                    self.stubs.append((name, Leaf(stub_stat, CharacterDevice(0))))
-        counts = self.nlinks
+        if not self.epoch1:
+            return
+        root = fs.root
+        rst = root.stat
+        xattrs = {}
+        sel = rst.xattrs.get(F.XATTR_SECURITY_SELINUX)
+        if sel is not None:
+            xattrs[F.XATTR_SECURITY_SELINUX] = sel
+        stub_stat = Stat(0o644, rst.st_uid, rst.st_gid, rst.st_mtim_sec, rst.st_mtim_nsec,
+                         xattrs)
+        present = root.entries
+        for i in range(256):
+            name = b"%02x" % i
+            if name not in present:
+                self.stubs[name] = Leaf(stub_stat, CharacterDevice(0))
+        if not hardlinked:
+            return
         first = self.first_dir
-        get = counts.get
-        stack = [(fs.root, iter(self._entries(fs.root)))]
+        stack = [(root, iter(sorted(root.entries.items())))]
         while stack:
             d, it = stack[-1]
             for _name, child in it:
                 if type(child) is Directory:
-                    if len(stack) > MAX_DEPTH:
-                        raise TooDeep(f"the tree nests deeper than {MAX_DEPTH} directories")
-                    stack.append((child, iter(self._entries(child))))
+                    stack.append((child, iter(sorted(child.entries.items()))))
                     break
-                c = get(child)  # type: ignore[arg-type]
-                if c is None:
-                    counts[child] = 1  # type: ignore[index]
+                if child.mark > 1 and child not in first:  # type: ignore[union-attr, operator]
                     first[child] = d  # type: ignore[index]
-                else:
-                    counts[child] = c + 1  # type: ignore[index]
             else:
                 stack.pop()
-        # validation (fsck + hardlinked whiteouts), without a second tree walk
-        stub_leaves = {id(leaf) for _, leaf in self.stubs}
-        table = {id(leaf) for leaf in fs.leaves}
-        n_real = len(counts) - len(stub_leaves)
-        if len(table) != len(fs.leaves) or n_real != len(table) or any(
-                id(leaf) not in table for leaf in counts if id(leaf) not in stub_leaves):
-            validate_filesystem(fs)
-            raise ErofsError("invalid composefs filesystem")
-        for leaf, n in counts.items():
-            if n > 1 and type(leaf.content) is CharacterDevice and leaf.content.rdev == 0:
-                raise ErofsError("invalid composefs filesystem: whiteout inode has nlink > 1")
 
     # ---------------------------------------------------------------- xattrs
 
@@ -177,49 +210,53 @@ class _Collector:
             self._names[name] = r
         return r
 
-    def add_xattr(self, ino: Ino, name: bytes, value: bytes, replace: bool = False) -> None:
+    def add_xattr(self, idx: int, name: bytes, value: bytes, replace: bool = False) -> None:
         """Add a local xattr; with ``replace`` an existing one of that name is dropped first."""
-        idx, suffix, bit = self._name(name)
+        pidx, suffix, bit = self._name(name)
         if len(value) > 0xFFFF:
             raise ErofsError(f"xattr value too long for {name!r}")
-        if ino.local is None:
-            ino.local = []
+        x = self.ino.xattrs.get(idx)
+        if x is None:
+            x = self.ino.xattrs[idx] = Xattrs()
         elif replace:
-            ino.local = [x for x in ino.local if x[0] != idx or x[1] != suffix]
-        ino.local.append((idx, suffix, value))
-        ino.filt |= bit
+            x.local = [e for e in x.local if e[0] != pidx or e[1] != suffix]
+        x.local.append((pidx, suffix, value))
+        x.filt |= bit
 
-    def _push(self, stat: Stat, ft: int, content: object) -> Ino:
-        ino = Ino(stat, ft, content)
-        t = type(content)
-        if t is External:
-            digest = content.id
-            h = digest.hex().encode()
-            ino.local = [(4, b"overlay.metacopy", F.metacopy_value(digest)),
-                         (4, b"overlay.redirect", b"/" + h[:2] + b"/" + h[2:])]
-            ino.filt = self._overlay_bits
-        elif t is ExternalNoVerity:
-            h = content.id.hex().encode()
-            ino.local = [(4, b"overlay.metacopy", b""),
-                         (4, b"overlay.redirect", b"/" + h[:2] + b"/" + h[2:])]
-            ino.filt = self._overlay_bits
-        elif t is Sparse:
-            ino.local = [(4, b"overlay.metacopy", b"")]
-            ino.filt = self._metacopy_bit
+    def _push(self, node: Directory | Leaf, ft: int) -> int:
+        idx = self.ino.push(node, ft)
+        stat = node.stat
+        if type(node) is Leaf:
+            content = node.content
+            t = type(content)
+            if t is External:
+                digest = content.id
+                h = digest.hex().encode()
+                x = self.ino.xattrs[idx] = Xattrs()
+                x.local = [(4, b"overlay.metacopy", F.metacopy_value(digest)),
+                           (4, b"overlay.redirect", b"/" + h[:2] + b"/" + h[2:])]
+                x.filt = self._overlay_bits
+            elif t is ExternalNoVerity:
+                h = content.id.hex().encode()
+                x = self.ino.xattrs[idx] = Xattrs()
+                x.local = [(4, b"overlay.metacopy", b""),
+                           (4, b"overlay.redirect", b"/" + h[:2] + b"/" + h[2:])]
+                x.filt = self._overlay_bits
+            elif t is Sparse:
+                x = self.ino.xattrs[idx] = Xattrs()
+                x.local = [(4, b"overlay.metacopy", b"")]
+                x.filt = self._metacopy_bit
         if stat.xattrs:
             for name, value in sorted(stat.xattrs.items()):
                 if name.startswith(F.XATTR_OVERLAY_PREFIX):
                     name = F.XATTR_OVERLAY_ESCAPED_PREFIX + name[16:]
-                self.add_xattr(ino, name, value)
-        ino.idx = len(self.inodes)
-        self.inodes.append(ino)
-        return ino
+                self.add_xattr(idx, name, value)
+        return idx
 
     # ---------------------------------------------------------------- inodes
 
-    def collect_leaf(self, leaf: Leaf) -> int:
+    def collect_leaf(self, leaf: Leaf, nlink: int) -> int:
         """The inode index of ``leaf``, creating the inode on first use."""
-        nlink = self.nlinks[leaf]
         if nlink > 1:
             idx = self.hardlinks.get(leaf)
             if idx is not None:
@@ -246,116 +283,139 @@ class _Collector:
             tail = len(content.data)
         elif t is External:
             tail = 4
-        ino = self._push(leaf.stat, _LEAF_FT[t], content)
-        ino.nlink = nlink
-        ino.n_blocks = n_blocks
-        ino.tail = tail
+        idx = self._push(leaf, _LEAF_FT[t])
+        ino = self.ino
+        ino.nlink[idx] = nlink
+        ino.n_blocks[idx] = n_blocks
+        ino.tail[idx] = tail
         if nlink > 1:
-            self.hardlinks[leaf] = ino.idx
-        return ino.idx
+            self.hardlinks[leaf] = idx
+        return idx
+
+    def _finish_dir(self, me: int, parent: int, names: list[bytes], kids: list[int],
+                    nsub: int) -> list[int]:
+        """Record a directory's dirents (``.`` and ``..`` put in their sorted places).
+
+        Returns where each original entry of *kids* ended up.
+        """
+        p1 = bisect_left(names, b".")
+        names.insert(p1, b".")
+        kids.insert(p1, me)
+        p2 = bisect_left(names, b"..", p1 + 1)
+        names.insert(p2, b"..")
+        kids.insert(p2, parent)
+        ino = self.ino
+        ino.dirents[me] = (names, array("I", kids))
+        bounds, inline = dirent_runs(names)
+        ino.n_blocks[me] = len(bounds) - 1
+        ino.tail[me] = inline
+        ino.nlink[me] = 2 + nsub
+        return [p1, p2]
 
     def collect_bfs(self) -> None:
         """Epoch1 inode order (C ``lcfs_compute_tree``), with whiteout escaping."""
         root = self.fs.root
-        root_idx = self._push(root.stat, F.FT_DIR, None).idx
-        inodes = self.inodes
-        nlinks = self.nlinks
+        ino = self.ino
+        root_idx = self._push(root, F.FT_DIR)
+        fts = ino.ft
+        flags = ino.flags
         first = self.first_dir
         hardlinks = self.hardlinks
+        stubs = self.stubs
         v1 = self.version == 1
-        stub_ids = {id(leaf) for _name, leaf in self.stubs}
         queue = deque([(root, root_idx, root_idx)])
-        records: list[tuple[int, list]] = []
-        deferred = False
+        deferred: list[tuple[int, int, Leaf]] = []
         while queue:
             d, parent, me = queue.popleft()
-            ents: list = [(b".", me, F.FT_DIR), (b"..", parent, F.FT_DIR)]
+            names = self._sorted_names(d)
+            entries = d.entries
+            kids: list[int] = []
+            later: list[tuple[int, Leaf]] = []
             has_wh = False
-            is_root = me == root_idx
-            for name, child in self._entries(d):
+            nsub = 0
+            for name in names:
+                child = entries.get(name)
+                if child is None:       # a whiteout stub: stays a native whiteout
+                    kids.append(self.collect_leaf(stubs[name], 1))
+                    continue
                 if type(child) is Directory:
-                    cidx = self._push(child.stat, F.FT_DIR, None).idx
+                    cidx = self._push(child, F.FT_DIR)
                     queue.append((child, me, cidx))
-                    ents.append((name, cidx, F.FT_DIR))
+                    kids.append(cidx)
+                    nsub += 1
                     continue
                 leaf: Leaf = child  # type: ignore[assignment]
-                if nlinks[leaf] == 1 or first[leaf] is d:
-                    cidx = self.collect_leaf(leaf)
+                m = leaf.mark
+                if m == 1 or first[leaf] is d:
+                    cidx = self.collect_leaf(leaf, m)  # type: ignore[arg-type]
                     c = leaf.content
-                    if type(c) is CharacterDevice and c.rdev == 0:
-                        ino = inodes[cidx]
-                        # The 256 stubs are added after escaping in C, so only they stay
-                        # native; a user whiteout is always escaped (composefs-rs instead
-                        # guesses "stub-like" user entries, which C does not do).
-                        if not ino.escaped and not (is_root and id(leaf) in stub_ids):
-                            ino.escaped = True
-                            ino.ft = F.FT_REG
-                            self.add_xattr(ino, F.XATTR_OVERLAY_WHITEOUT, b"", True)
-                            self.add_xattr(ino, F.XATTR_USERXATTR_WHITEOUT, b"", True)
-                            has_wh = True
-                    ents.append((name, cidx, inodes[cidx].ft))
+                    # The 256 stubs are added after escaping in C, so only they stay
+                    # native; a user whiteout is always escaped (composefs-rs instead
+                    # guesses "stub-like" user entries, which C does not do).
+                    if type(c) is CharacterDevice and c.rdev == 0 and not flags[cidx] & ESCAPED:
+                        flags[cidx] |= ESCAPED
+                        fts[cidx] = F.FT_REG
+                        self.add_xattr(cidx, F.XATTR_OVERLAY_WHITEOUT, b"", True)
+                        self.add_xattr(cidx, F.XATTR_USERXATTR_WHITEOUT, b"", True)
+                        has_wh = True
+                    kids.append(cidx)
                 else:
                     cidx = hardlinks.get(leaf)
-                    if cidx is None:
-                        deferred = True
-                        ents.append((name, leaf, F.FT_REG))
-                    else:
-                        ents.append((name, cidx, inodes[cidx].ft))
+                    if cidx is None:    # its inode comes with a directory queued later
+                        later.append((len(kids), leaf))
+                        cidx = 0
+                    kids.append(cidx)
             if has_wh:
-                dino = inodes[me]
-                self.add_xattr(dino, F.XATTR_OVERLAY_WHITEOUTS, b"", True)
-                self.add_xattr(dino, F.XATTR_USERXATTR_WHITEOUTS, b"", True)
+                self.add_xattr(me, F.XATTR_OVERLAY_WHITEOUTS, b"", True)
+                self.add_xattr(me, F.XATTR_USERXATTR_WHITEOUTS, b"", True)
                 if v1:
-                    self.add_xattr(dino, F.XATTR_OVERLAY_OPAQUE, b"x", True)
-                    self.add_xattr(dino, F.XATTR_USERXATTR_OPAQUE, b"x", True)
-            self.sorted.pop(id(d), None)     # last use: the list goes with the walk
-            records.append((me, ents))
-        for me, ents in records:
-            if deferred:
-                for i, e in enumerate(ents):
-                    if type(e[1]) is Leaf:
-                        cidx = hardlinks[e[1]]
-                        ents[i] = (e[0], cidx, inodes[cidx].ft)
-            ents.sort()
-            inodes[me].set_dir_entries(ents)
+                    self.add_xattr(me, F.XATTR_OVERLAY_OPAQUE, b"x", True)
+                    self.add_xattr(me, F.XATTR_USERXATTR_OPAQUE, b"x", True)
+            p1, p2 = self._finish_dir(me, parent, names, kids, nsub)
+            for i, leaf in later:
+                j = i + (i >= p1)
+                deferred.append((me, j + (j >= p2), leaf))
+        for me, k, leaf in deferred:
+            ino.dirents[me][1][k] = hardlinks[leaf]
 
     def collect_dfs(self) -> None:
         """V2 inode order: pre-order DFS, children in name order."""
         root = self.fs.root
-        inodes = self.inodes
-        me = self._push(root.stat, F.FT_DIR, None).idx
-        stack = [(me, iter(self._entries(root)), [(b".", me, F.FT_DIR), (b"..", me, F.FT_DIR)])]
-        self.sorted.clear()                 # last use: each list lives as long as its walk
+        me = self._push(root, F.FT_DIR)
+        names = sorted(root.entries)
+        # frame: directory, its inode, its parent's inode, names, iterator, kids, subdirs
+        stack: list[list] = [[root, me, me, names, iter(names), [], 0]]
         while stack:
-            me, it, ents = stack[-1]
-            for name, child in it:
+            frame = stack[-1]
+            d, me, _parent, names, it, kids, _nsub = frame
+            entries = d.entries
+            for name in it:
+                child = entries[name]
                 if type(child) is Directory:
-                    cidx = self._push(child.stat, F.FT_DIR, None).idx
-                    ents.append((name, cidx, F.FT_DIR))
-                    stack.append((cidx, iter(self._entries(child)),
-                                  [(b".", cidx, F.FT_DIR), (b"..", me, F.FT_DIR)]))
-                    self.sorted.pop(id(child), None)
+                    cidx = self._push(child, F.FT_DIR)
+                    kids.append(cidx)
+                    frame[6] += 1
+                    sub = sorted(child.entries)
+                    stack.append([child, cidx, me, sub, iter(sub), [], 0])
                     break
-                cidx = self.collect_leaf(child)  # type: ignore[arg-type]
-                ents.append((name, cidx, inodes[cidx].ft))
+                kids.append(self.collect_leaf(child, child.mark))  # type: ignore[arg-type]
             else:
                 stack.pop()
-                ents.sort()
-                inodes[me].set_dir_entries(ents)
+                self._finish_dir(me, frame[2], names, kids, frame[6])
 
 
-def _full_key(x: tuple[int, bytes, bytes]) -> tuple[bytes, int, bytes]:
+def _full_key(x: Xattr) -> tuple[bytes, int, bytes]:
     return (F.XATTR_PREFIXES[x[0]] + x[1], len(x[2]), x[2])
 
 
-def _share_xattrs(inodes: list[Ino], epoch1: bool) -> list[tuple[int, bytes, bytes]]:
+def _share_xattrs(ino: Inodes, epoch1: bool) -> list[Xattr]:
     """Move xattrs used by more than one inode to the shared table (storage.md 8.7)."""
     counts: Counter = Counter()
-    with_x = [ino for ino in inodes if ino.local]
-    for ino in with_x:
-        if epoch1 and len(ino.local) > 1:
-            ino.local.sort(key=_full_key)
-        counts.update(ino.local)
+    with_x = [x for x in ino.xattrs.values() if x.local]
+    for x in with_x:
+        if epoch1 and len(x.local) > 1:
+            x.local.sort(key=_full_key)
+        counts.update(x.local)
     shared = [x for x, n in counts.items() if n > 1]
     if not shared:
         return []
@@ -364,47 +424,51 @@ def _share_xattrs(inodes: list[Ino], epoch1: bool) -> list[tuple[int, bytes, byt
     else:
         shared.sort()
     index = {x: i for i, x in enumerate(shared)}
-    for ino in with_x:
+    for x in with_x:
         local = []
         refs = []
-        for x in ino.local:
-            i = index.get(x)
+        for e in x.local:
+            i = index.get(e)
             if i is None:
-                local.append(x)
+                local.append(e)
             else:
                 refs.append(i)
         if refs:
-            ino.local = local
-            ino.shared = refs
+            x.local = local
+            x.shared = refs
     return shared
 
 
 def write_image(fs: FileSystem, version: int) -> bytes:
-    """Build the composefs EROFS image of ``fs`` for format ``version`` (0, 1 or 2)."""
+    """The composefs EROFS image of ``fs`` for format ``version`` (0, 1 or 2)."""
+    parts: list[bytes] = []
+    write_image_to(fs, version, parts.append)
+    return b"".join(parts)
+
+
+def write_image_to(fs: FileSystem, version: int, sink: Callable[[bytes], object]) -> None:
+    """Stream the composefs EROFS image of ``fs`` to ``sink`` in chunks, front to back."""
     if version not in (0, 1, 2):
         raise ErofsError(f"unsupported composefs format version {version}")
     with paused_gc():
-        return _write_image(fs, version)
-
-
-def _write_image(fs: FileSystem, version: int) -> bytes:
-    col = _Collector(fs, version)
-    col.scan()
-    epoch1 = col.epoch1
-    if epoch1:
-        col.collect_bfs()
-    else:
-        col.collect_dfs()
-    inodes = col.inodes
-    flags = 0
-    if epoch1:
-        col.add_xattr(inodes[0], F.XATTR_OVERLAY_OPAQUE_ROOT, b"y")
-        # C sets HAS_ACL for the exact names system.posix_acl_{access,default};
-        # composefs-rs tests the prefix index (2/3), which differs for longer names
-        for ino in inodes:
-            if ino.local and any((x[0] == 2 or x[0] == 3) and not x[1] for x in ino.local):
-                flags = F.COMPOSEFS_FLAGS_HAS_ACL
-                break
-    shared = _share_xattrs(inodes, epoch1)
-    min_mtime = min((ino.stat.st_mtim_sec & _MASK64, ino.stat.st_mtim_nsec) for ino in inodes)
-    return emit_image(inodes, shared, version, flags, min_mtime)
+        with leaf_marks(fs):
+            col = _Collector(fs, version)
+            col.prepare(_count_links(fs))
+            if col.epoch1:
+                col.collect_bfs()
+            else:
+                col.collect_dfs()
+        ino = col.ino
+        flags = 0
+        if col.epoch1:
+            col.add_xattr(0, F.XATTR_OVERLAY_OPAQUE_ROOT, b"y")
+            # C sets HAS_ACL for the exact names system.posix_acl_{access,default};
+            # composefs-rs tests the prefix index (2/3), which differs for longer names
+            for x in ino.xattrs.values():
+                if any((e[0] == 2 or e[0] == 3) and not e[1] for e in x.local):
+                    flags = F.COMPOSEFS_FLAGS_HAS_ACL
+                    break
+        shared = _share_xattrs(ino, col.epoch1)
+        min_mtime = min((node.stat.st_mtim_sec & _MASK64, node.stat.st_mtim_nsec)
+                        for node in ino.obj)
+        emit_image(ino, shared, version, flags, min_mtime, sink)
