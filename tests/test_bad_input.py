@@ -165,8 +165,6 @@ CASES: dict[str, tuple[Callable[[dict[str, str]], dict | None], str | None]] = {
     "unknown-method": (call_case(R + "Frobnicate", {}), "org.varlink.service.MethodNotFound"),
     "unknown-interface": (call_case("org.example.Nope.Ping", {}),
                           "org.varlink.service.InterfaceNotFound"),
-    "not-implemented": (call_case(O + "GetLayer", lambda h: {"handle": h, "params": {}}),
-                        "org.varlink.service.MethodNotImplemented"),
     "wrong-type-string-for-int": (call_case(R + "Fsck", {"handle": "1"}),
                                   "org.varlink.service.InvalidParameter"),
     "wrong-type-bool-for-int": (call_case(R + "Fsck", {"handle": True}),

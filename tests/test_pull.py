@@ -126,8 +126,14 @@ def test_registry_by_digest_and_tag_output(shared_daemon: Daemon, registry: Regi
     listing = json.loads(cfs(shared_daemon, repo, "oci", "images", "--json").stdout)
     assert listing["images"][0]["layer_count"] == 2
     manifest = cfs(shared_daemon, repo, "oci", "inspect", "--manifest", "mytag").stdout
-    assert "sha256:" + hashlib.sha256(manifest).hexdigest() == digest
-    assert cfs(shared_daemon, repo, "oci", "inspect", f"@{digest}").returncode == 0
+    assert manifest.endswith(b"\n")            # the stored bytes, then one newline
+    assert "sha256:" + hashlib.sha256(manifest[:-1]).hexdigest() == digest
+    shown = json.loads(cfs(shared_daemon, repo, "oci", "inspect", f"@{digest}").stdout)
+    # as upstream prints it: manifest and config as JSON strings, absent fields null
+    assert shown["manifest"].encode() == manifest[:-1]
+    assert isinstance(shown["config"], str) and json.loads(shown["config"])["os"] == "linux"
+    assert shown["referrers"] == [] and shown["composefs_boot_erofs"] is None
+    assert len(shown["composefs_erofs"]) in (64, 128)
 
 
 def test_gzip_and_zstd_layers(shared_daemon: Daemon, registry: Registry, repo: str,
@@ -234,7 +240,7 @@ def test_docker_schema2_and_manifest_list(shared_daemon: Daemon, registry: Regis
     out = pull(shared_daemon, repo, src, "--tls-verify=false", name="docker")
     assert out["manifest_digest"] == "sha256:" + hashlib.sha256(r.content).hexdigest()
     stored = cfs(shared_daemon, repo, "oci", "inspect", "--manifest", "docker").stdout
-    assert stored == r.content
+    assert stored == r.content + b"\n"
     config = json.loads(cfs(shared_daemon, repo, "oci", "inspect", "--config", "docker").stdout)
     layers_hash_to_diff_ids(shared_daemon, repo, config)
     listed = pull(shared_daemon, repo, f"docker://{registry.host}/demo:dockerlist",

@@ -9,7 +9,7 @@ import sys
 
 from cfsctl.client import CallError
 from cfsctl.commands import delta
-from cfsctl.context import CommandError, Context, UsageError
+from cfsctl.context import CommandError, Context, UsageError, open_repository_dir
 from cfsctl.output import fsck_text, print_completed, print_json, table
 from cfsctl.paths import Passed
 from cfsctl.progress import stream_with_progress
@@ -83,17 +83,75 @@ def cmd_inspect(ctx: Context, a: argparse.Namespace) -> int:
     except CallError as e:
         raise _no_such_image(e, a.image) from None
     if a.manifest:
-        sys.stdout.write(reply["manifest"])
+        sys.stdout.write(reply["manifest"] + "\n")
     elif a.config:
-        sys.stdout.write(reply["config"])
-    else:
-        print_json({"manifest": json.loads(reply["manifest"]),
-                    "config": json.loads(reply["config"]),
-                    "referrers": reply["referrers"],
-                    **({"composefs_erofs": reply["composefs_erofs"]}
-                       if reply.get("composefs_erofs") else {}),
-                    **({"composefs_boot_erofs": reply["composefs_boot_erofs"]}
-                       if reply.get("composefs_boot_erofs") else {})})
+        sys.stdout.write(reply["config"] + "\n")
+    else:       # the varlink reply as upstream prints it: raw JSON as strings, nulls kept
+        print_json({"manifest": reply["manifest"], "config": reply["config"],
+                    "referrers": reply.get("referrers") or [],
+                    "composefs_erofs": reply.get("composefs_erofs"),
+                    "composefs_boot_erofs": reply.get("composefs_boot_erofs")})
+    return 0
+
+
+_CONTAINER_CONFIGS = ("application/vnd.oci.image.config.v1+json",
+                      "application/vnd.docker.container.image.v1+json")
+
+
+def cmd_copy(ctx: Context, a: argparse.Namespace) -> int:
+    """Copy an image and its layers from the repository at --from into this one."""
+    dest = ctx.handle
+    client = ctx.client
+    src_path = os.path.abspath(a.source)
+    fd = open_repository_dir(src_path)
+    try:
+        src = client.call(REPO + "OpenRepository", {
+            "path": src_path, "path_fd": 0, "insecure": ctx.args.insecure or None},
+            fds=[fd])["handle"]
+    finally:
+        os.close(fd)
+    try:
+        try:
+            info = client.call(OCI + "Inspect", {"handle": src, "image": a.image})
+        except CallError as e:
+            raise _no_such_image(e, a.image) from None
+        manifest = json.loads(info["manifest"])
+        if manifest.get("config", {}).get("mediaType") in _CONTAINER_CONFIGS:
+            ids = json.loads(info["config"])["rootfs"]["diff_ids"]
+        else:
+            raise CommandError("oci copy supports container images only (this is an "
+                               "artifact)")
+        refs = []
+        copied = present = 0
+        for diff_id in ids:
+            has = client.call(OCI + "HasLayer", {"handle": dest, "diff_id": diff_id})
+            if has["present"]:
+                refs.append({"diff_id": diff_id, "layer_verity": has["layer_verity"]})
+                present += 1
+                continue
+            frames = client.stream(OCI + "GetLayer", {"handle": src,
+                                                      "params": {"diff_id": diff_id}},
+                                   more=False)
+            reply, fds = next(frames)
+            try:
+                put = client.call(OCI + "PutLayer",
+                                  {"handle": dest, "diff_id": diff_id, "zerocopy": a.zerocopy},
+                                  fds=fds[:1 + reply["dir_count"]])
+            finally:
+                for f in fds:
+                    os.close(f)
+            refs.append({"diff_id": diff_id, "layer_verity": put["layer_verity"]})
+            copied += 1
+        name = a.name if a.name is not None else (None if a.image.startswith("@") else a.image)
+        done = client.call(OCI + "FinalizeImage", {
+            "handle": dest, "manifest_json": info["manifest"], "config_json": info["config"],
+            "layers": refs, "name": name})
+    finally:
+        client.call(REPO + "CloseRepository", {"handle": src})
+    print(f"manifest {done['manifest_digest']}")
+    print(f"layers {copied} copied, {present} already present")
+    if name is not None:
+        print(f"tagged {name}")
     return 0
 
 
@@ -255,6 +313,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     g.add_argument("--manifest", action="store_true")
     g.add_argument("--config", action="store_true")
     p.set_defaults(func=cmd_inspect)
+
+    p = osub.add_parser("copy", help="copy an image and its layers from another repository")
+    p.add_argument("image", help="tag or @manifest-digest in the source repository")
+    p.add_argument("--from", dest="source", required=True, metavar="PATH",
+                   help="the source repository")
+    p.add_argument("--name", help="tag in this repository (default: the source tag)")
+    p.add_argument("--zerocopy", action="store_true",
+                   help="ask for reflinks or hardlinks instead of copies")
+    p.set_defaults(func=cmd_copy)
 
     p = osub.add_parser("tag", help="tag a manifest digest")
     p.add_argument("digest")

@@ -19,6 +19,7 @@ from cfsd.service import auth
 from cfsd.service.binding import Call, VarlinkError
 from cfsd.service.delta_api import DeltaMethods
 from cfsd.service.errors import OCI
+from cfsd.service.layer_api import LayerTransferMethods
 from cfsd.service.oci_image_api import OciImageMethods
 from cfsd.service.repository_api import require_writer
 from cfsd.service.state import State
@@ -77,7 +78,7 @@ def caller_auth_configs(call: Call, auth_file: str | None,
     return out
 
 
-class OciAPI(DeltaMethods, OciImageMethods):
+class OciAPI(DeltaMethods, OciImageMethods, LayerTransferMethods):
     """Implementation of org.composefs.Oci."""
 
     def __init__(self, state: State) -> None:
