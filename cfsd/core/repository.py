@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from cfsd.core import fsverity
+from cfsd.core import openat2 as _openat2
 from cfsd.core.errors import (
     AlreadyInitialized,
     CorruptObject,
@@ -142,6 +143,8 @@ class Repository:
         self._verified: set[bytes] = set()
         self.verity_supported: bool | None = None
         self.closed = False
+        st = os.fstat(fd)
+        self.identity = (st.st_dev, st.st_ino)      # which directory this is, for caches
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -265,6 +268,8 @@ class Repository:
 
     def open_dir(self, rel: str, *, create: bool = False) -> int:
         """Open a repository subdirectory without following symlinks (optionally mkdir -p)."""
+        if not create and _openat2.available():
+            return _openat2.openat2(self.fd, rel.strip("/") or ".", DIR_FLAGS)
         fd = os.dup(self.fd)
         try:
             for part in rel.split("/"):
@@ -534,6 +539,35 @@ class Repository:
             return fsverity.parse_object_path(target, self.alg)
         except ValueError:
             raise RepositoryError(f"{rel}: unexpected symlink target {target!r}") from None
+
+    def stream_verities(self, content_ids: list[str]) -> list[bytes | None]:
+        """has_stream for many content ids, with one open of ``streams/``."""
+        try:
+            dfd = self.open_dir("streams")
+        except (FileNotFoundError, NotADirectoryError):
+            return [None] * len(content_ids)
+        out: list[bytes | None] = []
+        try:
+            for cid in content_ids:
+                validate_content_id(cid)
+                try:
+                    target = os.readlink(cid, dir_fd=dfd)
+                except (FileNotFoundError, OSError) as e:
+                    if isinstance(e, FileNotFoundError) or e.errno == errno.EINVAL:
+                        out.append(None)
+                        continue
+                    raise
+                if not target.startswith("../"):
+                    raise RepositoryError(f"streams/{cid}: unexpected symlink target "
+                                          f"{target!r}")
+                try:
+                    out.append(fsverity.parse_object_path(target, self.alg))
+                except ValueError:
+                    raise RepositoryError(f"streams/{cid}: unexpected symlink target "
+                                          f"{target!r}") from None
+        finally:
+            os.close(dfd)
+        return out
 
     # -- streams ---------------------------------------------------------------------------
 

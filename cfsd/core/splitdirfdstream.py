@@ -14,7 +14,6 @@ composefs-rs ``splitdirfdstream-v0``.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import stat
 import struct
@@ -22,6 +21,7 @@ from collections.abc import Callable, Iterator
 
 from cfsd.core import fsverity
 from cfsd.core.errors import FormatError
+from cfsd.core.openat2 import openat2
 
 TAG_METADATA = 0
 TAG_INLINE = 1
@@ -34,28 +34,10 @@ PIECE = 1 << 20                 # how much is read or copied at a time
 _SHORT = struct.Struct("<BI")
 _FILE = struct.Struct("<BQII")
 
-# openat2(2): RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
-_SYS_OPENAT2 = 437
-_RESOLVE = 0x08 | 0x04 | 0x02
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
-                ("resolve", ctypes.c_uint64)]
-
-
 def open_beneath(dir_fd: int, name: bytes) -> int:
     """Open *name* read-only beneath *dir_fd*: no ``..`` escape, no symlinks, no blocking
     on FIFOs.  Raises OSError."""
-    how = _OpenHow(os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK, 0, _RESOLVE)
-    fd = _libc.syscall(_SYS_OPENAT2, dir_fd, ctypes.c_char_p(name), ctypes.byref(how),
-                       ctypes.sizeof(how))
-    if fd < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"{os.strerror(e)}: {name.decode(errors='replace')}")
-    return fd
+    return openat2(dir_fd, name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
 
 
 def check_name(name: bytes) -> None:

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from cfsd.core.errors import FormatError, InvalidName, NotFound
+from cfsd.core.errors import FormatError, InvalidName, NotFound, RepositoryError
 from cfsd.core.repository import Repository
 from cfsd.core.splitstream import OCI_BLOB, OCI_CONFIG, OCI_MANIFEST, TAR_LAYER
 from cfsd.oci import mediatypes
@@ -177,12 +181,31 @@ class OciImage:
     @classmethod
     def open(cls, repo: Repository, manifest_digest: str,
              verity: bytes | None = None) -> OciImage:
-        """Open by manifest digest; every digest is re-checked against the stored bytes."""
+        """Open by manifest digest; every digest is re-checked against the stored bytes.
+
+        Parsed images are cached by manifest stream verity: that verity fixes the manifest,
+        the config stream it references and every ref, so an entry can never go stale.
+        """
         Digest.parse(manifest_digest)
         if verity is None:
             verity = repo.has_stream(MANIFEST_PREFIX + manifest_digest)
             if verity is None:
                 raise NotFound(f"no such image: @{manifest_digest}")
+        key = (*repo.identity, verity, manifest_digest)
+        with _cache_lock:
+            hit = _cache.get(key)
+            if hit is not None:
+                _cache.move_to_end(key)
+                return hit
+        img = cls._read(repo, manifest_digest, verity)
+        with _cache_lock:
+            _cache[key] = img
+            if len(_cache) > IMAGE_CACHE_SIZE:
+                _cache.popitem(last=False)
+        return img
+
+    @classmethod
+    def _read(cls, repo: Repository, manifest_digest: str, verity: bytes) -> OciImage:
         mbytes, mrefs = read_external(repo, verity, OCI_MANIFEST)
         if not Digest.parse(manifest_digest).matches(mbytes):
             raise FormatError(f"stored manifest does not match {manifest_digest}")
@@ -204,6 +227,11 @@ class OciImage:
             layers = {k: v for k, v in mrefs.items() if k in wanted}
         return cls(manifest_digest, verity, mbytes, manifest, cdigest, cverity, cbytes, config,
                    layers, images)
+
+
+IMAGE_CACHE_SIZE = 256          # parsed images kept (by manifest stream verity)
+_cache: OrderedDict[tuple[int, int, bytes, str], OciImage] = OrderedDict()
+_cache_lock = threading.Lock()
 
 
 def resolve(repo: Repository, image: str) -> tuple[str, bytes]:
@@ -246,10 +274,46 @@ def untag(repo: Repository, name: str) -> None:
         raise NotFound(f"no such tag: {name}")
 
 
+QUIET_SECONDS = 1.0            # a refs directory unchanged this long may be cached
+_listing_cache: dict[tuple[int, int, str], tuple[tuple[int, int, int], list]] = {}
+
+
+def _dir_signature(repo: Repository, rel: str) -> tuple[int, int, int] | None:
+    """(inode, mtime, ctime) of a refs directory, if it changed long enough ago that any
+    later change must show in them (timestamps are coarse: a change within the same tick
+    as the one recorded could otherwise go unseen)."""
+    try:
+        st = os.stat(rel, dir_fd=repo.fd, follow_symlinks=False)
+    except OSError:
+        return None
+    if st.st_ctime_ns > time.time_ns() - int(QUIET_SECONDS * 1e9):
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _cached_refs(repo: Repository, prefix: str) -> list[tuple[str, str]]:
+    """``repo.list_refs("streams", prefix)`` for a flat refs directory, reused while the
+    directory's signature is unchanged (one stat instead of a readlink per entry)."""
+    rel = f"streams/refs/{prefix.strip('/')}"
+    key = (*repo.identity, rel)
+    sig = _dir_signature(repo, rel)
+    if sig is not None:
+        hit = _listing_cache.get(key)
+        if hit is not None and hit[0] == sig:
+            return hit[1]
+    refs = repo.list_refs("streams", prefix)
+    if sig is not None and all("/" not in name for name, _ in refs) \
+            and _dir_signature(repo, rel) == sig:
+        if len(_listing_cache) > IMAGE_CACHE_SIZE:
+            _listing_cache.clear()
+        _listing_cache[key] = (sig, refs)
+    return refs
+
+
 def list_tags(repo: Repository) -> list[tuple[str, str]]:
     """(tag, manifest digest) for every tag."""
     out = []
-    for enc, target in repo.list_refs("streams", "oci"):
+    for enc, target in _cached_refs(repo, "oci"):
         last = target.rsplit("/", 1)[-1]
         if last.startswith(MANIFEST_PREFIX):
             out.append((decode_tag(enc), last[len(MANIFEST_PREFIX):]))
@@ -284,15 +348,35 @@ def image_entry(name: str, img: OciImage, referrers: int = 0) -> dict[str, Any]:
 def list_images(repo: Repository, filter: str | None = None) -> list[dict[str, Any]]:
     """ImageEntry for each tag (unreadable images skipped)."""
     out = []
-    for name, digest in list_tags(repo):
-        if filter and filter not in name:
+    with_referrers = {decode_tag(name) for name in _subdirs(repo, "streams/refs/"
+                                                             + REFERRERS_PREFIX)}
+    tags = [(n, d) for n, d in list_tags(repo) if not filter or filter in n]
+    try:
+        verities = repo.stream_verities([MANIFEST_PREFIX + d for _, d in tags])
+    except (InvalidName, RepositoryError):
+        verities = [None] * len(tags)
+    for (name, digest), verity in zip(tags, verities, strict=True):
+        if verity is None:
             continue
         try:
-            img = OciImage.open(repo, digest)
+            img = OciImage.open(repo, digest, verity)
         except (NotFound, FormatError, OSError):
             continue
-        out.append(image_entry(name, img, len(list_referrers(repo, digest))))
+        count = len(list_referrers(repo, digest)) if digest in with_referrers else 0
+        out.append(image_entry(name, img, count))
     return out
+
+
+def _subdirs(repo: Repository, rel: str) -> set[str]:
+    """Names of the subdirectories of a repository directory (none if it is absent)."""
+    try:
+        fd = repo.open_dir(rel)
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
+    try:
+        return {e.name for e in os.scandir(fd) if e.is_dir(follow_symlinks=False)}
+    finally:
+        os.close(fd)
 
 
 def inspect(repo: Repository, image: str) -> dict[str, Any]:
