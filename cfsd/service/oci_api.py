@@ -129,7 +129,9 @@ class OciAPI(DeltaMethods, OciImageMethods, LayerTransferMethods):
         """Point a tag at a stored manifest."""
         with self.state.use(call, handle, OCI) as h:
             require_writer(call, h, "tag images")
-            with auth.as_owner(h.repo.fd, call.creds):
+            # shared with other writers, exclusive of gc: a tag never names a manifest
+            # that a running gc has already decided to remove
+            with h.repo.lock.shared(), auth.as_owner(h.repo.fd, call.creds):
                 try:
                     oci_image.tag(h.repo, manifest_digest.removeprefix("@"), name)
                 except NotFound:
