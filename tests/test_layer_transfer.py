@@ -151,6 +151,19 @@ def test_oci_copy_gives_the_same_image(source: dict[str, Any], shared_daemon: Da
     out = cfs(dest, "oci", "copy", f"@{source['img'].digest}", "--from", source["repo"],
               "--name", "again").stdout.decode()
     assert "0 copied, 2 already present" in out and "tagged again" in out
+    # zero-copy on one filesystem: the objects are the source's files, hardlinked
+    linked = str(tmp_path / "linked")
+    cfs(linked, "init", "--insecure")
+    out = cfs(linked, "oci", "copy", "app", "--from", source["repo"], "--zerocopy").stdout
+    assert b"objects 0 copied, 4 linked" in out, out
+    assert cfs(linked, "oci", "compute-id", "app").stdout == cfs(source["repo"], "oci",
+                                                                 "compute-id", "app").stdout
+    shared = [p for p in Path(linked, "objects").glob("??/*")
+              if (Path(source["repo"]) / "objects" / p.parent.name / p.name).exists()
+              and p.stat().st_ino == (Path(source["repo"]) / "objects" / p.parent.name
+                                      / p.name).stat().st_ino]
+    assert len(shared) == 4
+    assert cfs(linked, "fsck").returncode == 0
 
 
 def test_get_layer_streams_the_exact_tar(source: dict[str, Any],
@@ -242,6 +255,18 @@ def test_put_layer_relay_and_its_refusals(source: dict[str, Any], shared_daemon:
         assert has(sha256(tar))
         reply = put(stream([head, (b"data", len(body)), tail]), sha256(tar))
         assert reply["parameters"]["already_present"] is True
+        # zero-copy links only files nobody but the repository owner can change
+        (files / "loose").write_bytes(b"q" * len(body))
+        (files / "loose").chmod(0o666)
+        loose = make_tar([D("usr"), F("usr/data", b"q" * len(body))])
+        r = piped(stream([loose[:1024], (b"loose", len(body)), loose[1024 + len(body):]]))
+        try:
+            reply, _ = p.call(OCI + "PutLayer", {"handle": h, "diff_id": sha256(loose),
+                                                 "zerocopy": True}, [r, dfd])
+        finally:
+            os.close(r)
+        assert reply["parameters"]["objects_copied"] == 1, reply
+        assert reply["parameters"]["objects_hardlinked"] == 0, reply
         # a relay GetLayer (source) -> PutLayer (destination) on one connection
         hs = p.open(source["repo"])
         for tar in source["tars"]:
@@ -253,6 +278,9 @@ def test_put_layer_relay_and_its_refusals(source: dict[str, Any], shared_daemon:
                 for fd in fds:
                     os.close(fd)
             assert reply["parameters"]["already_present"] is False, reply
+            # repository objects (root's, 0644, same filesystem) are linked, not copied
+            assert reply["parameters"]["objects_copied"] == 0, reply
+            assert reply["parameters"]["objects_hardlinked"] >= 1, reply
         layers = [{"diff_id": sha256(t), "layer_verity": p.call(
             OCI + "HasLayer", {"handle": h, "diff_id": sha256(t)})[0]["parameters"]["layer_verity"]}
             for t in source["tars"]]

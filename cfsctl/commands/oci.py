@@ -122,7 +122,7 @@ def cmd_copy(ctx: Context, a: argparse.Namespace) -> int:
             raise CommandError("oci copy supports container images only (this is an "
                                "artifact)")
         refs = []
-        copied = present = 0
+        copied = present = linked = objects = 0
         for diff_id in ids:
             has = client.call(OCI + "HasLayer", {"handle": dest, "diff_id": diff_id})
             if has["present"]:
@@ -142,6 +142,8 @@ def cmd_copy(ctx: Context, a: argparse.Namespace) -> int:
                     os.close(f)
             refs.append({"diff_id": diff_id, "layer_verity": put["layer_verity"]})
             copied += 1
+            linked += put["objects_hardlinked"] + put["objects_reflinked"]
+            objects += put["objects_copied"]
         name = a.name if a.name is not None else (None if a.image.startswith("@") else a.image)
         done = client.call(OCI + "FinalizeImage", {
             "handle": dest, "manifest_json": info["manifest"], "config_json": info["config"],
@@ -150,6 +152,7 @@ def cmd_copy(ctx: Context, a: argparse.Namespace) -> int:
         client.call(REPO + "CloseRepository", {"handle": src})
     print(f"manifest {done['manifest_digest']}")
     print(f"layers {copied} copied, {present} already present")
+    print(f"objects {objects} copied, {linked} linked")
     if name is not None:
         print(f"tagged {name}")
     return 0

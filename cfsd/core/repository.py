@@ -48,7 +48,7 @@ from cfsd.core.metadata import (
     upgrade_legacy,
     write_meta,
 )
-from cfsd.core.objects import ObjectResult, ObjectWriter, Staging, store_bytes
+from cfsd.core.objects import ObjectResult, ObjectStore, ObjectWriter, Staging, store_bytes
 
 if TYPE_CHECKING:
     from cfsd.core.splitstream import SplitStreamReader, SplitStreamWriter
@@ -572,8 +572,9 @@ class Repository:
     # -- streams ---------------------------------------------------------------------------
 
     def create_stream(self, content_type: int,
-                      staging: Staging | None = None) -> SplitStreamWriter:
-        """A splitstream writer storing its objects here (or in *staging*)."""
+                      staging: ObjectStore | None = None) -> SplitStreamWriter:
+        """A splitstream writer storing its objects here (or in *staging*, or another
+        object store)."""
         from cfsd.core.splitstream import SplitStreamWriter
         return SplitStreamWriter(self, content_type, staging)
 

@@ -80,9 +80,12 @@ class Decoder:
     """
 
     def __init__(self, read_raw: Callable[[int], bytes],
-                 open_file: Callable[[int, bytes], int]) -> None:
+                 open_file: Callable[[int, bytes], int],
+                 on_file: Callable[[int, int, int], None] | None = None) -> None:
         self._read_raw = read_raw
         self._open_file = open_file
+        self._on_file = on_file     # (tar offset, length, fd) of each file-backed chunk
+        self._produced = 0          # tar bytes decoded so far
         self._pieces = self._decode()
         self._buf = b""
         self.chunks = 0
@@ -114,6 +117,7 @@ class Decoder:
                 while n:
                     piece = self._exact(min(n, PIECE))
                     n -= len(piece)  # type: ignore[arg-type]
+                    self._produced += len(piece)  # type: ignore[arg-type]
                     yield piece  # type: ignore[misc]
             elif tag[0] == TAG_FILE:
                 length, index, name_len = struct.unpack("<QII", self._exact(16))  # type: ignore[arg-type]
@@ -135,12 +139,15 @@ class Decoder:
             if st.st_size != length:
                 raise FormatError(f"splitdirfdstream: {name!r} has {st.st_size} bytes, "
                                   f"the stream says {length}")
+            if self._on_file is not None:
+                self._on_file(self._produced, length, fd)
             off = 0
             while off < length:
                 piece = os.pread(fd, min(PIECE, length - off), off)
                 if not piece:
                     raise FormatError(f"splitdirfdstream: {name!r} shrank while read")
                 off += len(piece)
+                self._produced += len(piece)
                 yield piece
         finally:
             os.close(fd)

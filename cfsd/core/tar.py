@@ -345,9 +345,15 @@ class _Buffer:
         self.src = src
         self.buf = bytearray()
         self.pos = 0
+        self.read_total = 0         # bytes read from src so far
 
     def __len__(self) -> int:
         return len(self.buf) - self.pos
+
+    @property
+    def offset(self) -> int:
+        """Stream offset of the first unconsumed byte."""
+        return self.read_total - len(self)
 
     def view(self) -> memoryview:
         return memoryview(self.buf)[self.pos:]
@@ -362,6 +368,7 @@ class _Buffer:
             if not data:
                 return False
             self.buf += data
+            self.read_total += len(data)
         return True
 
     def take(self, n: int) -> bytes:
@@ -401,7 +408,9 @@ def split_tar(src: Reader, writer: SplitStreamWriter,
         writer.write_inline(b.take(ev.consumed))
         size, padded = entry.size, entry.padded_size
         if entry.is_file and size > INLINE_CONTENT_MAX:
-            w = store.object_writer()
+            # a store may offer a writer for content it can place by offset (zero-copy)
+            at = getattr(store, "object_writer_at", None)
+            w = at(b.offset, size) if at is not None else store.object_writer()
             try:
                 remaining = size
                 while remaining:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cfsd.core.errors import RepositoryError
+from cfsd.core.objects import ObjectStore, Staging
 from cfsd.core.repository import Repository
 from cfsd.core.splitstream import TAR_LAYER
 from cfsd.core.tar import Reader, split_tar
@@ -61,12 +62,14 @@ class LayerResult:
 
 def import_layer(repo: Repository, src: Reader, diff_id: str, name: str | None = None, *,
                  before_commit: Callable[[], None] | None = None,
-                 publish: bool = True) -> LayerResult:
+                 publish: bool = True,
+                 store: Callable[[Staging], ObjectStore] | None = None) -> LayerResult:
     """Split the uncompressed tar read from *src* into ``oci-layer-<diff_id>``.
 
     *before_commit* runs after the diff_id matched and before anything becomes visible (a
     pull uses it to finish verifying the compressed blob).  With ``publish=False`` the
     objects are committed but the stream is not named (the caller registers it later).
+    *store* wraps the staging area the objects go through (PutLayer's zero-copy linking).
     """
     digest = Digest.parse(diff_id)
     content_id = layer_stream_id(digest)
@@ -77,7 +80,7 @@ def import_layer(repo: Repository, src: Reader, diff_id: str, name: str | None =
         return LayerResult(existing, True, ImportStats(layers_already_present=1))
     reader = HashingReader(src, digest)
     with repo.staging() as staging:
-        writer = repo.create_stream(TAR_LAYER, staging)
+        writer = repo.create_stream(TAR_LAYER, staging if store is None else store(staging))
         split_tar(reader, writer)
         actual = reader.hash.hexdigest()
         if actual != digest.hex:

@@ -15,11 +15,14 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import threading
+from collections import OrderedDict
 from typing import Any
 
 from cfsd.core import fsverity
 from cfsd.core.errors import FormatError, NotFound
+from cfsd.core.objects import ObjectResult, Staging
 from cfsd.core.sink import write_all
 from cfsd.core.splitdirfdstream import Decoder, encode_layer, open_beneath
 from cfsd.core.splitstream import TAR_LAYER
@@ -72,6 +75,141 @@ class _PipeReader:
     def __call__(self, n: int) -> bytes:
         self.call.check_cancelled()
         return os.read(self.fd, n)
+
+
+LINK_WINDOW = 32                # file-backed chunks remembered for zero-copy (read-ahead)
+
+
+class _ZeroCopy:
+    """PutLayer with ``zerocopy``: content that is a whole file beneath the caller's
+    directory is hardlinked in (through the staging area) instead of copied, when the file
+    is on the repository's filesystem, owned by the repository's owner and mode 0644 (so
+    nobody but the owner can ever change an object that way).  Anything else is copied."""
+
+    def __init__(self, repo: Any, owner_uid: int) -> None:
+        self.repo = repo
+        self.owner_uid = owner_uid
+        self.dev = os.fstat(repo.writable_objects_fd).st_dev
+        self.files: OrderedDict[int, tuple[int, int]] = OrderedDict()
+        self.hardlinked = 0
+
+    def remember(self, offset: int, length: int, fd: int) -> None:
+        """Decoder callback: the tar bytes at *offset* are the whole file *fd*."""
+        st = os.fstat(fd)
+        if st.st_dev != self.dev or st.st_uid != self.owner_uid \
+                or stat.S_IMODE(st.st_mode) != 0o644:
+            return
+        self.files[offset] = (length, os.dup(fd))
+        while len(self.files) > LINK_WINDOW:
+            os.close(self.files.popitem(last=False)[1][1])
+
+    def store(self, staging: Staging) -> _LinkingStore:
+        """The object store split_tar writes through."""
+        return _LinkingStore(staging, self)
+
+    def close(self) -> None:
+        """Close every remembered fd."""
+        while self.files:
+            os.close(self.files.popitem()[1][1])
+
+
+class _LinkingStore:
+    """A staging area that links remembered whole files instead of copying them."""
+
+    def __init__(self, staging: Staging, zc: _ZeroCopy) -> None:
+        self.staging = staging
+        self.zc = zc
+
+    def object_writer(self) -> Any:
+        """A copying writer."""
+        return self.staging.object_writer()
+
+    def store_object(self, data: bytes | memoryview) -> ObjectResult:
+        """Stage an in-memory object."""
+        return self.staging.store_object(data)
+
+    def object_writer_at(self, offset: int, size: int) -> Any:
+        """A writer for the *size* content bytes at tar *offset*: it links when they turn
+        out to be a remembered file (known once they arrive), else it copies."""
+        return _LinkingWriter(self.staging, self.zc, offset, size)
+
+
+class _LinkingWriter:
+    """Hashes content that is a whole remembered file as it streams by, then hardlinks
+    that file in; any other content goes to an ordinary (copying) writer."""
+
+    def __init__(self, staging: Staging, zc: _ZeroCopy, offset: int, size: int) -> None:
+        self.staging = staging
+        self.zc = zc
+        self.offset = offset
+        self.expected_size = size
+        self.fd = -1
+        self.copy: Any = None
+        self.hasher = fsverity.FsVerityHasher(staging.repo.alg)
+
+    def _decide(self) -> None:
+        hit = self.zc.files.pop(self.offset, None)
+        if hit is not None and hit[0] == self.expected_size:
+            self.fd = hit[1]
+        else:
+            if hit is not None:
+                os.close(hit[1])
+            self.copy = self.staging.object_writer()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Hash (linking: the bytes are the file's) or write (copying)."""
+        if self.fd < 0 and self.copy is None:
+            self._decide()
+        if self.copy is not None:
+            self.copy.write(data)
+        else:
+            self.hasher.update(data)
+
+    @property
+    def size(self) -> int:
+        """Bytes seen."""
+        return self.copy.size if self.copy is not None else self.hasher.size
+
+    def finish(self, expected: bytes | None = None) -> ObjectResult:
+        """Link the file into the staging area under its digest (or copy it when the
+        kernel refuses the link or cannot vouch for its verity)."""
+        if self.copy is not None or self.fd < 0:
+            if self.copy is None:
+                self.copy = self.staging.object_writer()
+            return self.copy.finish(expected)
+        staging = self.staging
+        repo = staging.repo
+        digest = self.hasher.digest()
+        size = self.hasher.size
+        if repo.object_ok(digest) or digest in staging.staged:
+            return ObjectResult(digest, size, False)
+        if repo.secure and fsverity.measure_verity(self.fd, repo.alg) != digest:
+            return self._copy(digest)       # a verity repository links only sealed files
+        name = digest.hex()
+        try:
+            os.link(f"/proc/self/fd/{self.fd}", name, dst_dir_fd=staging.fd,
+                    follow_symlinks=True)
+        except OSError:
+            return self._copy(digest)
+        staging.staged[digest] = name
+        self.zc.hardlinked += 1
+        return ObjectResult(digest, size, True)
+
+    def _copy(self, digest: bytes) -> ObjectResult:
+        self.copy = self.staging.object_writer()
+        off = 0
+        while piece := os.pread(self.fd, 1 << 20, off):
+            self.copy.write(piece)
+            off += len(piece)
+        return self.copy.finish(expected=digest)
+
+    def abort(self) -> None:
+        """Close the file and drop any copy in progress."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.copy is not None:
+            self.copy.abort()
 
 
 class LayerTransferMethods:
@@ -153,17 +291,26 @@ class LayerTransferMethods:
                     raise auth.CallerPathError(e.errno or errno.EIO,
                                                name.decode(errors="replace")) from None
 
-            decoder = Decoder(_PipeReader(call.fds[0], call), open_file)
-            with repo.lock.shared(), auth.as_owner(repo.fd, call.creds):
-                res = import_layer(repo, decoder, diff_id)
+            zc = _ZeroCopy(repo, auth.owner_identity(repo.fd, call.creds).uid) \
+                if zerocopy else None
+            decoder = Decoder(_PipeReader(call.fds[0], call), open_file,
+                              zc.remember if zc is not None else None)
+            try:
+                with repo.lock.shared(), auth.as_owner(repo.fd, call.creds):
+                    res = import_layer(repo, decoder, diff_id,
+                                       store=zc.store if zc is not None else None)
+            finally:
+                if zc is not None:
+                    zc.close()
+            linked = zc.hardlinked if zc is not None else 0
             if res.already_present:             # always drain, as upstream does
                 read = _PipeReader(call.fds[0], call)
                 while read(1 << 20):
                     pass
             stats = res.stats
             return {"layer_verity": res.verity.hex(), "already_present": res.already_present,
-                    "objects_reflinked": 0, "objects_hardlinked": 0,
-                    "objects_copied": stats.objects_copied,
+                    "objects_reflinked": 0, "objects_hardlinked": linked,
+                    "objects_copied": stats.objects_copied - linked,
                     "objects_already_present": stats.objects_already_present}
 
     def FinalizeImage(self, call: Call, handle: int, manifest_json: str,  # noqa: N802
