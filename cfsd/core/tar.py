@@ -104,15 +104,27 @@ def _trunc(b: bytes) -> bytes:
 _OCTAL = re.compile(rb"\+?([0-7]+)")
 
 
+_octal_memo: dict[bytes, int] = {}
+OCTAL_MEMO_SIZE = 8192          # distinct field texts remembered (modes, ids, times repeat)
+
+
 def parse_octal(field_bytes: bytes) -> int:
     """Octal text field: NUL-truncated, whitespace-trimmed, empty means 0."""
+    v = _octal_memo.get(field_bytes)
+    if v is not None:
+        return v
     s = field_bytes.partition(b"\0")[0].strip(_WS)
     if not s:
-        return 0
-    m = _OCTAL.fullmatch(s)
-    if m is None:
-        raise TarError(f"invalid octal field {field_bytes!r}")
-    return int(m.group(1), 8)
+        v = 0
+    else:
+        m = _OCTAL.fullmatch(s)
+        if m is None:
+            raise TarError(f"invalid octal field {field_bytes!r}")
+        v = int(m.group(1), 8)
+    if len(_octal_memo) >= OCTAL_MEMO_SIZE:
+        _octal_memo.clear()
+    _octal_memo[bytes(field_bytes)] = v
+    return v
 
 
 def parse_numeric(field_bytes: bytes) -> int:
