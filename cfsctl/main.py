@@ -7,10 +7,11 @@ import os
 import sys
 
 from cfsctl.client import CallError, ConnectError
-from cfsctl.commands import image, oci, repo
+from cfsctl.commands import cinfo, cmount, image, oci, repo
 from cfsctl.context import CommandError, Context, UsageError
 
 VERSION = "0.1.0"
+MULTICALL = {"composefs-info": cinfo.main, "mount.composefs": cmount.main}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,10 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; argv[0] ``mkcomposefs`` (or ``cfsctl mkcomposefs …``) is mkcomposefs."""
+    """Entry point; argv[0] ``mkcomposefs``, ``composefs-info`` or ``mount.composefs`` (or
+    ``cfsctl NAME …``) is that C tool."""
     if argv is None and os.path.basename(sys.argv[0]) == "mkcomposefs":
         return image.mkcomposefs_main(sys.argv[1:], sys.argv[0])
+    if argv is None and os.path.basename(sys.argv[0]) in MULTICALL:
+        return MULTICALL[os.path.basename(sys.argv[0])](sys.argv[1:], sys.argv[0])
     argv = sys.argv[1:] if argv is None else argv
+    tool = cinfo.multicall_argv(argv, tuple(MULTICALL))
+    if tool is not None:
+        return MULTICALL[tool[1]](tool[2], tool[1], address=tool[0])
     mk = image.mkcomposefs_argv(argv)
     if mk is not None:
         return image.mkcomposefs_main(mk[1], address=mk[0])

@@ -18,6 +18,7 @@ from cfsd.service import auth
 from cfsd.service.binding import Call, VarlinkError
 from cfsd.service.errors import REPOSITORY
 from cfsd.service.image_api import ImageMethods
+from cfsd.service.info_api import InfoMethods
 from cfsd.service.oci_image_api import mount_fds
 from cfsd.service.state import SYSTEM_REPO, Handle, State, user_repo_path
 
@@ -42,7 +43,7 @@ def require_writer(call: Call, h: Handle, what: str) -> None:
     h.repo.ensure_writable()
 
 
-class RepositoryAPI(ImageMethods):
+class RepositoryAPI(ImageMethods, InfoMethods):
     """Implementation of org.composefs.Repository."""
 
     def __init__(self, state: State) -> None:
