@@ -136,7 +136,12 @@ class ObjectWriter:
                 # A corrupt file squats on the name: replace it atomically.
                 tmp = ".tmp-" + secrets.token_hex(6)
                 self.link_as(dfd, tmp)
-                os.rename(tmp, rest, src_dir_fd=dfd, dst_dir_fd=dfd)
+                try:
+                    os.rename(tmp, rest, src_dir_fd=dfd, dst_dir_fd=dfd)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp, dir_fd=dfd)
+                    raise
             repo.remember(digest)
             return ObjectResult(digest, size, True)
         finally:

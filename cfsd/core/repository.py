@@ -306,7 +306,7 @@ class Repository:
         with self._init_lock:
             if self._objects_fd is None:
                 with contextlib.suppress(FileExistsError):
-                    os.mkdir("objects", 0o777, dir_fd=self.fd)
+                    os.mkdir("objects", 0o755, dir_fd=self.fd)
                 self._objects_fd = os.open("objects", DIR_FLAGS, dir_fd=self.fd)
             return self._objects_fd
 
@@ -356,13 +356,16 @@ class Repository:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise CorruptObject(f"object {digest.hex()} is not a regular file")
-        os.set_blocking(fd, True)
-        if verify if verify is not None else self.secure:
-            measured = fsverity.measure_verity(fd, self.alg)
-            if measured != digest:
-                os.close(fd)
-                raise CorruptObject(f"object {digest.hex()}: fs-verity "
-                                    f"{'missing' if measured is None else 'mismatch'}")
+        try:
+            os.set_blocking(fd, True)
+            if verify if verify is not None else self.secure:
+                measured = fsverity.measure_verity(fd, self.alg)
+                if measured != digest:
+                    raise CorruptObject(f"object {digest.hex()}: fs-verity "
+                                        f"{'missing' if measured is None else 'mismatch'}")
+        except BaseException:
+            os.close(fd)
+            raise
         return fd
 
     def copy_object(self, digest: bytes, write: Callable[[bytes | memoryview], None]) -> int:

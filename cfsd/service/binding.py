@@ -531,12 +531,13 @@ def bind_unix(path: str, mode: int) -> socket.socket:
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # the socket is created with exactly *mode* (bind honours the umask); no chmod of the
+    # path afterwards, which would follow a symlink swapped in meanwhile
     old = os.umask(0o777 & ~mode)
     try:
         sock.bind(path)
     finally:
         os.umask(old)
-    os.chmod(path, mode)
     sock.listen(128)
     return sock
 

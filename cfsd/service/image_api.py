@@ -10,7 +10,6 @@ changes when everything worked: objects are staged and published together with t
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import os
@@ -179,15 +178,16 @@ class ImageMethods:
             except ValueError as e:
                 raise _spec(str(e)) from None
         if repository is not None or repository_fd is not None:
-            with contextlib.suppress(Exception):
-                fd = auth.CallerFiles(call).directory(repository, repository_fd,
-                                                      what="repository")
-                try:
-                    meta, _ = read_meta(fd)
-                finally:
-                    os.close(fd)
-                if meta is not None:
-                    return meta.algorithm
+            # the repository the caller named decides; one it cannot open is an error, not
+            # a silent guess (only a repository without meta.json has the default)
+            fd = auth.CallerFiles(call).directory(repository, repository_fd,
+                                                  what="repository")
+            try:
+                meta, _ = read_meta(fd)
+            finally:
+                os.close(fd)
+            if meta is not None:
+                return meta.algorithm
         return fsverity.SHA512
 
     # ---------------------------------------------------------------- methods
