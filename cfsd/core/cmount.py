@@ -15,7 +15,6 @@ Differences from C: no loop-device fallback for kernels without file-backed EROF
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import os
@@ -24,18 +23,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cfsd.core import fsverity
+from cfsd.core.mount import create_and_mount, fsconfig, fsopen, idmap
 
 __all__ = ["CMountError", "MountOptions", "check_image", "mount", "parse_digest"]
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-SYS_FSOPEN, SYS_FSCONFIG, SYS_FSMOUNT, SYS_MOUNT_SETATTR = 430, 431, 432, 442
-FSOPEN_CLOEXEC = 1
-FSCONFIG_SET_FLAG, FSCONFIG_SET_STRING, FSCONFIG_CMD_CREATE = 0, 1, 6
-FSMOUNT_CLOEXEC = 1
-MOUNT_ATTR_RDONLY = 1
-MOUNT_ATTR_IDMAP = 0x00100000
-AT_EMPTY_PATH = 0x1000
 MAX_DIGEST_SIZE = 64
 DIGEST_SIZE = 32                    # LCFS_DIGEST_SIZE: C compares this many bytes
 COMPOSEFS_MAGIC = 0xD078629A
@@ -119,45 +110,6 @@ def check_image(image_fd: int, digest: bytes | None) -> int:
 # --------------------------------------------------------------------------- syscalls
 
 
-def _sys(nr: int, *args: object) -> int:
-    r = _libc.syscall(ctypes.c_long(nr), *args)
-    if r < 0:
-        raise CMountError(ctypes.get_errno())
-    return int(r)
-
-
-def _fsopen(fstype: str) -> int:
-    return _sys(SYS_FSOPEN, fstype.encode(), ctypes.c_uint(FSOPEN_CLOEXEC))
-
-
-def _set(fd: int, key: str, value: str) -> None:
-    _sys(SYS_FSCONFIG, ctypes.c_int(fd), ctypes.c_uint(FSCONFIG_SET_STRING), key.encode(),
-         value.encode(), ctypes.c_int(0))
-
-
-def _flag(fd: int, key: str) -> None:
-    _sys(SYS_FSCONFIG, ctypes.c_int(fd), ctypes.c_uint(FSCONFIG_SET_FLAG), key.encode(),
-         None, ctypes.c_int(0))
-
-
-def _create_and_mount(fd: int, read_only: bool) -> int:
-    _sys(SYS_FSCONFIG, ctypes.c_int(fd), ctypes.c_uint(FSCONFIG_CMD_CREATE), None, None,
-         ctypes.c_int(0))
-    return _sys(SYS_FSMOUNT, ctypes.c_int(fd), ctypes.c_uint(FSMOUNT_CLOEXEC),
-                ctypes.c_uint(MOUNT_ATTR_RDONLY if read_only else 0))
-
-
-class _MountAttr(ctypes.Structure):
-    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
-                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
-
-
-def _idmap(mnt: int, userns_fd: int) -> None:
-    attr = _MountAttr(MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
-    _sys(SYS_MOUNT_SETATTR, ctypes.c_int(mnt), b"", ctypes.c_uint(AT_EMPTY_PATH),
-         ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
-
-
 def _fd_path(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
 
@@ -165,15 +117,15 @@ def _fd_path(fd: int) -> str:
 def _erofs(image_fd: int, flags: int, idmap_fd: int | None) -> int:
     fs = -1
     try:
-        fs = _fsopen("erofs")
-        _set(fs, "source", _fd_path(image_fd))
-        _flag(fs, "ro")
+        fs = fsopen("erofs")
+        fsconfig(fs, "source", _fd_path(image_fd))
+        fsconfig(fs, "ro")
         if not flags & FLAG_HAS_ACL:
-            _flag(fs, "noacl")
-        mnt = _create_and_mount(fs, True)
+            fsconfig(fs, "noacl")
+        mnt = create_and_mount(fs, True)
         if idmap_fd is not None:
             try:
-                _idmap(mnt, idmap_fd)
+                idmap(mnt, idmap_fd)
             except BaseException:
                 os.close(mnt)
                 raise
@@ -184,26 +136,26 @@ def _erofs(image_fd: int, flags: int, idmap_fd: int | None) -> int:
 
 
 def _overlay(lower: int, basedir_fds: Sequence[int], opts: MountOptions) -> int:
-    fs = _fsopen("overlay")
+    fs = fsopen("overlay")
     try:
-        _set(fs, "source", MOUNT_SOURCE)
-        _set(fs, "metacopy", "on")
-        _set(fs, "redirect_dir", "on")
+        fsconfig(fs, "source", MOUNT_SOURCE)
+        fsconfig(fs, "metacopy", "on")
+        fsconfig(fs, "redirect_dir", "on")
         require = opts.verity or opts.digest is not None
         if require or opts.try_verity:
             try:
-                _set(fs, "verity", "require")
-            except CMountError:
+                fsconfig(fs, "verity", "require")
+            except OSError:
                 if require:
                     raise
-        _set(fs, "lowerdir+", _fd_path(lower))
+        fsconfig(fs, "lowerdir+", _fd_path(lower))
         for fd in basedir_fds:
-            _set(fs, "datadir+", _fd_path(fd))
+            fsconfig(fs, "datadir+", _fd_path(fd))
         if opts.upper_fd is not None:
-            _set(fs, "upperdir", _fd_path(opts.upper_fd))
+            fsconfig(fs, "upperdir", _fd_path(opts.upper_fd))
         if opts.work_fd is not None:
-            _set(fs, "workdir", _fd_path(opts.work_fd))
-        return _create_and_mount(fs, opts.read_only)
+            fsconfig(fs, "workdir", _fd_path(opts.work_fd))
+        return create_and_mount(fs, opts.read_only)
     finally:
         os.close(fs)
 
@@ -213,8 +165,11 @@ def mount(image_fd: int, flags: int, basedir_fds: Sequence[int], opts: MountOpti
     :func:`check_image` returned (:class:`CMountError` as C reports failures)."""
     if not basedir_fds or (opts.upper_fd is None) != (opts.work_fd is None):
         raise CMountError(errno.EINVAL)
-    lower = _erofs(image_fd, flags, opts.idmap_fd)
     try:
-        return _overlay(lower, basedir_fds, opts)
-    finally:
-        os.close(lower)
+        lower = _erofs(image_fd, flags, opts.idmap_fd)
+        try:
+            return _overlay(lower, basedir_fds, opts)
+        finally:
+            os.close(lower)
+    except OSError as e:
+        raise CMountError(e.errno or errno.EIO) from None

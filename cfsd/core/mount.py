@@ -16,19 +16,21 @@ from cfsd.core.errors import RepositoryError
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
-SYS_MOVE_MOUNT, SYS_FSOPEN, SYS_FSCONFIG, SYS_FSMOUNT = 429, 430, 431, 432
+SYS_FSOPEN, SYS_FSCONFIG, SYS_FSMOUNT, SYS_MOUNT_SETATTR = 430, 431, 432, 442
 FSOPEN_CLOEXEC = 1
-FSCONFIG_SET_STRING, FSCONFIG_CMD_CREATE = 1, 6
+FSCONFIG_SET_FLAG, FSCONFIG_SET_STRING, FSCONFIG_CMD_CREATE = 0, 1, 6
 FSMOUNT_CLOEXEC = 1
 MOUNT_ATTR_RDONLY = 1
-MOVE_MOUNT_F_EMPTY_PATH = 4
+MOUNT_ATTR_IDMAP = 0x00100000
+AT_EMPTY_PATH = 0x1000
 
 
 class MountError(RepositoryError):
     """The kernel refused the mount (or the caller lacks the privilege)."""
 
 
-def _sys(nr: int, *args: object) -> int:
+def syscall(nr: int, *args: object) -> int:
+    """A raw system call; OSError with the kernel's errno on failure."""
     r = _libc.syscall(ctypes.c_long(nr), *args)
     if r < 0:
         e = ctypes.get_errno()
@@ -36,20 +38,39 @@ def _sys(nr: int, *args: object) -> int:
     return int(r)
 
 
-def _fsopen(fstype: str) -> int:
-    return _sys(SYS_FSOPEN, fstype.encode(), ctypes.c_uint(FSOPEN_CLOEXEC))
+def fsopen(fstype: str) -> int:
+    """fsopen(2): a filesystem context fd."""
+    return syscall(SYS_FSOPEN, fstype.encode(), ctypes.c_uint(FSOPEN_CLOEXEC))
 
 
-def _set(fd: int, key: str, value: str) -> None:
-    _sys(SYS_FSCONFIG, ctypes.c_int(fd), ctypes.c_uint(FSCONFIG_SET_STRING), key.encode(),
-         value.encode(), ctypes.c_int(0))
+def fsconfig(fd: int, key: str, value: str | None = None) -> None:
+    """fsconfig(2): set a string option (or a flag when *value* is None)."""
+    if value is None:
+        syscall(SYS_FSCONFIG, ctypes.c_int(fd), ctypes.c_uint(FSCONFIG_SET_FLAG), key.encode(),
+                None, ctypes.c_int(0))
+    else:
+        syscall(SYS_FSCONFIG, ctypes.c_int(fd), ctypes.c_uint(FSCONFIG_SET_STRING),
+                key.encode(), value.encode(), ctypes.c_int(0))
 
 
-def _create_and_mount(fd: int, read_only: bool) -> int:
-    _sys(SYS_FSCONFIG, ctypes.c_int(fd), ctypes.c_uint(FSCONFIG_CMD_CREATE), None, None,
-         ctypes.c_int(0))
-    return _sys(SYS_FSMOUNT, ctypes.c_int(fd), ctypes.c_uint(FSMOUNT_CLOEXEC),
-                ctypes.c_uint(MOUNT_ATTR_RDONLY if read_only else 0))
+def create_and_mount(fd: int, read_only: bool) -> int:
+    """Create the superblock of context *fd* and return a detached mount fd of it."""
+    syscall(SYS_FSCONFIG, ctypes.c_int(fd), ctypes.c_uint(FSCONFIG_CMD_CREATE), None, None,
+            ctypes.c_int(0))
+    return syscall(SYS_FSMOUNT, ctypes.c_int(fd), ctypes.c_uint(FSMOUNT_CLOEXEC),
+                   ctypes.c_uint(MOUNT_ATTR_RDONLY if read_only else 0))
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def idmap(mnt: int, userns_fd: int) -> None:
+    """mount_setattr(2): make the detached mount *mnt* idmapped by the user namespace."""
+    attr = _MountAttr(MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
+    syscall(SYS_MOUNT_SETATTR, ctypes.c_int(mnt), b"", ctypes.c_uint(AT_EMPTY_PATH),
+            ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
 
 
 def composefs_mount(image_fd: int, objects_fd: int, *, verity: bool = False,
@@ -58,22 +79,22 @@ def composefs_mount(image_fd: int, objects_fd: int, *, verity: bool = False,
     """A detached composefs mount of the EROFS image open as *image_fd*."""
     ctx = erofs = ov = -1
     try:
-        ctx = _fsopen("erofs")
-        _set(ctx, "source", f"/proc/self/fd/{image_fd}")
-        erofs = _create_and_mount(ctx, True)
+        ctx = fsopen("erofs")
+        fsconfig(ctx, "source", f"/proc/self/fd/{image_fd}")
+        erofs = create_and_mount(ctx, True)
         os.close(ctx)
         ctx = -1
-        ov = _fsopen("overlay")
-        _set(ov, "metacopy", "on")
-        _set(ov, "redirect_dir", "follow")
-        _set(ov, "lowerdir+", f"/proc/self/fd/{erofs}")
-        _set(ov, "datadir+", f"/proc/self/fd/{objects_fd}")
+        ov = fsopen("overlay")
+        fsconfig(ov, "metacopy", "on")
+        fsconfig(ov, "redirect_dir", "follow")
+        fsconfig(ov, "lowerdir+", f"/proc/self/fd/{erofs}")
+        fsconfig(ov, "datadir+", f"/proc/self/fd/{objects_fd}")
         if verity:
-            _set(ov, "verity", "require")
+            fsconfig(ov, "verity", "require")
         if upper_fd is not None and work_fd is not None:
-            _set(ov, "upperdir", f"/proc/self/fd/{upper_fd}")
-            _set(ov, "workdir", f"/proc/self/fd/{work_fd}")
-        mnt = _create_and_mount(ov, not (read_write and upper_fd is not None))
+            fsconfig(ov, "upperdir", f"/proc/self/fd/{upper_fd}")
+            fsconfig(ov, "workdir", f"/proc/self/fd/{work_fd}")
+        mnt = create_and_mount(ov, not (read_write and upper_fd is not None))
         return mnt
     except OSError as e:
         if e.errno in (errno.EPERM, errno.EACCES):
@@ -84,8 +105,3 @@ def composefs_mount(image_fd: int, objects_fd: int, *, verity: bool = False,
             if fd >= 0:
                 os.close(fd)
 
-
-def attach(mount_fd: int, target: str) -> None:
-    """move_mount(2) a detached mount onto *target*."""
-    _sys(SYS_MOVE_MOUNT, ctypes.c_int(mount_fd), b"", ctypes.c_int(-100), target.encode(),
-         ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH))
