@@ -167,13 +167,6 @@ def _fetch_signatures(source: Source, delta: DeltaManifest,
     return out, notes
 
 
-def _existing_layer(repo: Repository, diff_id: str) -> bytes | None:
-    verity = repo.has_stream(image.layer_id(diff_id))
-    if verity is not None and repo.has_object(verity):
-        return verity
-    return None
-
-
 def _have_image(repo: Repository, target: TargetImage) -> bool:
     verity = repo.has_stream(image.MANIFEST_PREFIX + target.manifest_digest)
     if verity is None or not repo.has_object(verity):
@@ -262,7 +255,7 @@ def _plan(repo: Repository, delta: DeltaManifest, target: TargetImage,
     present: list[str] = []
     planned: set[str] = set()
     for diff_id, desc in zip(target.diff_ids, target.manifest.layers, strict=True):
-        verity = layer_refs.get(diff_id) or _existing_layer(repo, diff_id)
+        verity = layer_refs.get(diff_id) or image.stored_layer(repo, diff_id)
         if verity is not None:
             layer_refs[diff_id] = verity
             present.append(diff_id)
@@ -382,7 +375,7 @@ def store_signatures(repo: Repository, subject: str, sigs: list[EmbeddedSignatur
             continue
         refs: list[tuple[str, bytes]] = []
         for desc, data in sig.layers:
-            verity = _existing_layer(repo, desc.digest)
+            verity = image.stored_layer(repo, desc.digest)
             if verity is None:
                 w = repo.create_stream(OCI_BLOB)
                 w.write_external(data)

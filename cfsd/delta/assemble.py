@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import secrets
@@ -43,6 +42,7 @@ from cfsd.delta.artifact import (
     ROLE_MANIFEST,
 )
 from cfsd.oci import mediatypes
+from cfsd.oci.image import sha256_digest
 
 OCI_LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
 EMPTY_CONFIG = b"{}"
@@ -59,11 +59,6 @@ def go_json(obj: Any) -> bytes:
                     ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
         text = text.replace(ch, esc)
     return text.encode("utf-8")
-
-
-def sha256_digest(data: bytes) -> str:
-    """``sha256:<hex>`` of *data*."""
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def descriptor(media_type: str, digest: str, size: int,

@@ -77,6 +77,15 @@ def layer_id(digest: str) -> str:
     return LAYER_PREFIX + digest
 
 
+def stored_layer(repo: Repository, ident: str) -> bytes | None:
+    """Verity of the layer stream for *ident* (diff_id or blob digest) if it and its
+    object are stored, else None."""
+    verity = repo.has_stream(layer_id(ident))
+    if verity is not None and repo.has_object(verity):
+        return verity
+    return None
+
+
 def sha256_digest(data: bytes) -> str:
     """``sha256:<hex>`` of *data*."""
     return "sha256:" + hashlib.sha256(data).hexdigest()

@@ -16,9 +16,8 @@ from cfsd.core.repository import Repository
 from cfsd.core.splitstream import TAR_LAYER
 from cfsd.core.tar import Reader, split_tar
 from cfsd.oci.digest import Digest
+from cfsd.oci.image import layer_id
 from cfsd.oci.stats import ImportStats
-
-LAYER_PREFIX = "oci-layer-"
 
 
 class DiffIdMismatch(RepositoryError):
@@ -28,11 +27,6 @@ class DiffIdMismatch(RepositoryError):
         super().__init__(f"layer digest mismatch: expected {expected}, got {actual}")
         self.expected = expected
         self.actual = actual
-
-
-def layer_stream_id(diff_id: Digest | str) -> str:
-    """Content id of a layer splitstream."""
-    return f"{LAYER_PREFIX}{diff_id}"
 
 
 class HashingReader:
@@ -72,7 +66,7 @@ def import_layer(repo: Repository, src: Reader, diff_id: str, name: str | None =
     *store* wraps the staging area the objects go through (PutLayer's zero-copy linking).
     """
     digest = Digest.parse(diff_id)
-    content_id = layer_stream_id(digest)
+    content_id = layer_id(str(digest))
     existing = repo.has_stream(content_id)
     if existing is not None and repo.has_object(existing):
         if name is not None:

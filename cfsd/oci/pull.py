@@ -286,7 +286,7 @@ def _import_fetch(repo: Repository, source: Source, job: _LayerJob, events: Even
                   cancel: threading.Event) -> tuple[bytes, ImportStats]:
     ident = job.stream_id_digest
     desc = job.desc
-    existing = _existing_layer(repo, ident)
+    existing = image.stored_layer(repo, ident)
     if existing is not None:
         events.put({"skipped": {"id": ident}})
         return existing, ImportStats(layers_already_present=1)
@@ -337,13 +337,6 @@ def _import_blob(repo: Repository, reader: VerifyingReader, digest: str,
     stats = ImportStats(objects_copied=int(res.new), objects_already_present=int(not res.new),
                         bytes_copied=res.size if res.new else 0)
     return verity, stats
-
-
-def _existing_layer(repo: Repository, ident: str) -> bytes | None:
-    verity = repo.has_stream(image.layer_id(ident))
-    if verity is not None and repo.has_object(verity):
-        return verity
-    return None
 
 
 def pull(repo: Repository, reference: str, options: PullOptions | None = None
@@ -421,7 +414,7 @@ def _pull(repo: Repository, source: Source, opts: PullOptions
 
     jobs: list[_LayerJob] = []
     for i, (ident, desc) in enumerate(zip(ids, manifest.layers, strict=True)):
-        verity = layer_refs.get(ident) or _existing_layer(repo, ident)
+        verity = layer_refs.get(ident) or image.stored_layer(repo, ident)
         if verity is not None:
             layer_refs[ident] = verity
             stats.layers_already_present += 1

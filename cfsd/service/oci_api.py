@@ -11,7 +11,7 @@ from cfsd.core.errors import NotFound
 from cfsd.oci import image as oci_image
 from cfsd.oci.digest import Digest
 from cfsd.oci.fsck import oci_fsck
-from cfsd.oci.layers import import_layer, layer_stream_id
+from cfsd.oci.layers import import_layer
 from cfsd.oci.pull import DeltaArtifact, PullOptions, pull
 from cfsd.oci.reference import InvalidReference
 from cfsd.oci.registry import AuthenticationError, Credentials, RegistryError
@@ -91,7 +91,8 @@ class OciAPI(DeltaMethods, OciImageMethods, LayerTransferMethods):
     def HasLayer(self, call: Call, handle: int, diff_id: str) -> dict[str, Any]:  # noqa: N802
         """Whether ``oci-layer-<diff_id>`` exists."""
         with self.state.use(call, handle, OCI) as h:
-            verity = h.repo.has_stream(layer_stream_id(Digest.parse(diff_id)))
+            Digest.parse(diff_id)
+            verity = h.repo.has_stream(oci_image.layer_id(diff_id))
             return {"present": verity is not None,
                     "layer_verity": verity.hex() if verity is not None else None}
 
