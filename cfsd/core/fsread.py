@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import stat as S
 from collections.abc import Callable
@@ -71,8 +70,6 @@ CHUNK = 1 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
 _PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
-_BLOCK = fsverity.BLOCK_SIZE
-_ZERO_BLOCK = bytes(_BLOCK)
 
 
 class ScanError(Exception):
@@ -117,33 +114,8 @@ class ScanOptions:
 
 
 def fsverity_digest(data: bytes | memoryview, alg: Algorithm) -> bytes:
-    """fs-verity digest of an in-memory buffer (one-shot, fewer Python steps than a hasher)."""
-    h = hashlib.sha256 if alg.name == "sha256" else hashlib.sha512
-    n = len(data)
-    if n == 0:
-        root = bytes(alg.size)
-    elif n <= _BLOCK:
-        root = h(bytes(data) + _ZERO_BLOCK[n:]).digest() if n < _BLOCK else h(data).digest()
-    else:
-        root = _tree_root(h, memoryview(data), alg.size)
-    return fsverity.descriptor_digest(alg, root, n)
-
-
-def _tree_root(h: Callable[..., hashlib._Hash], mv: memoryview, hs: int) -> bytes:
-    n = len(mv)
-    full = n - n % _BLOCK
-    level = b"".join([h(mv[i:i + _BLOCK]).digest() for i in range(0, full, _BLOCK)])
-    if full < n:
-        level += h(bytes(mv[full:]) + _ZERO_BLOCK[n - full:]).digest()
-    while len(level) > hs:
-        m = len(level)
-        full = m - m % _BLOCK
-        lv = memoryview(level)
-        nxt = b"".join([h(lv[i:i + _BLOCK]).digest() for i in range(0, full, _BLOCK)])
-        if full < m:
-            nxt += h(bytes(lv[full:]) + _ZERO_BLOCK[m - full:]).digest()
-        level = nxt
-    return level
+    """fs-verity digest of an in-memory buffer."""
+    return fsverity.digest(data, alg)
 
 
 # --------------------------------------------------------------------------- stores
@@ -255,7 +227,6 @@ class _Scanner:
         self.alg = alg
         self.opts = opts
         self.store = store
-        self.h = hashlib.sha256 if alg.name == "sha256" else hashlib.sha512
         self.fs = FileSystem()
         self.links: dict[tuple[int, int], Leaf] = {}
         self.contents: dict[tuple[int, int, int, int], LeafContent] = {}
@@ -313,8 +284,7 @@ class _Scanner:
                     data += more
                 if len(data) != size:
                     raise ScanError(errno.EIO, path, "file changed size while it was read")
-                digest = fsverity.descriptor_digest(
-                    self.alg, self._root(data), size)
+                digest = fsverity.digest(data, self.alg)
                 if self.store is not None:
                     self.store.store(fd, data, size, digest)
                 content = External(digest, size)
@@ -341,12 +311,6 @@ class _Scanner:
             raise ScanError(e.errno or errno.EIO, path) from None
         self.contents[key] = content
         return content
-
-    def _root(self, data: bytes) -> bytes:
-        n = len(data)
-        if n <= _BLOCK:
-            return self.h(data + _ZERO_BLOCK[n:]).digest()
-        return _tree_root(self.h, memoryview(data), self.alg.size)
 
     # ---------------------------------------------------------------- entries
 

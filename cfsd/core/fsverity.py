@@ -193,10 +193,15 @@ def descriptor_digest(alg: Algorithm, root: bytes, size: int) -> bytes:
 
 
 def digest(data: bytes | bytearray | memoryview, alg: str | Algorithm = SHA256) -> bytes:
-    """fs-verity digest of an in-memory buffer."""
-    h = FsVerityHasher(alg)
-    h.update(data)
-    return h.digest()
+    """fs-verity digest of an in-memory buffer (one pass per Merkle tree level)."""
+    a = algorithm(alg)
+    mv = memoryview(data).cast("B")
+    if not len(mv):
+        return descriptor_digest(a, bytes(a.size), 0)
+    level = _hash_blocks(a, mv)
+    while len(level) > a.size:
+        level = _hash_blocks(a, memoryview(level))
+    return descriptor_digest(a, level, len(mv))
 
 
 # ---------------------------------------------------------------------------------------------
