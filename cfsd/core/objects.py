@@ -245,10 +245,12 @@ class Staging:
         """Remove the staging area and everything in it."""
         if self.fd < 0:
             return
-        os.close(self.fd)
-        self.fd = -1
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(self.name, dir_fd=self.repo.writable_objects_fd)
+        try:        # the directory goes first: once its fd is closed, nothing is left
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(self.name, dir_fd=self.repo.writable_objects_fd)
+        finally:
+            os.close(self.fd)
+            self.fd = -1
 
     def __enter__(self) -> Staging:
         return self

@@ -57,7 +57,6 @@ from cfsd.oci.documents import Descriptor
 from cfsd.oci.finalize import finalize_image
 from cfsd.oci.image import OciImage
 from cfsd.oci.pull import (
-    EventChannel,
     PullResult,
     VerifyingReader,
     host_platform,
@@ -74,6 +73,7 @@ from cfsd.oci.sources import (
     open_source,
 )
 from cfsd.oci.stats import ImportStats
+from cfsd.oci.workers import EventChannel, run_pooled
 
 Event = dict[str, Any]
 APPLY_ID = "apply-delta"
@@ -279,31 +279,16 @@ def _run_jobs(worker: _Worker, jobs: list[_Job], done_count: int, total: int,
     opts = worker.opts
     workers = opts.concurrency or ((os.cpu_count() or 2) if worker.local else REMOTE_INFLIGHT)
     workers = max(1, min(workers, len(jobs)))
-    ex = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
-                                               thread_name_prefix="delta-layer")
     order = sorted(jobs, key=lambda j: -j.blob.size) if worker.local else jobs
-    futures = [ex.submit(worker.run, j) for j in order]
-    try:
-        pending = set(futures)
-        while pending:
-            done, pending = concurrent.futures.wait(
-                pending, timeout=0.1, return_when=concurrent.futures.FIRST_COMPLETED)
-            yield from worker.events.drain()
-            for f in done:
-                staged.append(f.result())
-                done_count += 1
-                yield {"progress": {"id": APPLY_ID, "fetched": done_count, "total": total}}
-        yield from worker.events.drain()
-    except BaseException:
-        opts.cancel.set()
-        raise
-    finally:
-        ex.shutdown(wait=True, cancel_futures=True)
-        for f in futures:
-            if f.done() and not f.cancelled() and f.exception() is None:
-                s = f.result()
-                if s not in staged:
-                    staged.append(s)
+
+    def done(_job: _Job, layer: StagedLayer) -> list[Event]:
+        nonlocal done_count
+        staged.append(layer)
+        done_count += 1
+        return [{"progress": {"id": APPLY_ID, "fetched": done_count, "total": total}}]
+
+    yield from run_pooled(order, worker.run, workers, worker.events, opts.cancel,
+                          "delta-layer", done, lambda _job, layer: staged.append(layer))
 
 
 def _source_tree(repo: Repository, src: SourceImage) -> TreeSource:

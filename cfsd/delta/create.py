@@ -69,7 +69,8 @@ from cfsd.oci import documents, image, mediatypes
 from cfsd.oci.digest import Digest
 from cfsd.oci.documents import Descriptor
 from cfsd.oci.image import OciImage
-from cfsd.oci.pull import Cancelled, EventChannel
+from cfsd.oci.pull import Cancelled
+from cfsd.oci.workers import EventChannel, run_pooled
 
 Event = dict[str, Any]
 CREATE_ID = "create-delta"
@@ -348,29 +349,17 @@ def _run_jobs(worker: _Worker, jobs: list[_Job], blobs: dict[str, _Blob]
     opts = worker.opts
     n = opts.concurrency or (os.cpu_count() or 2)
     n = max(1, min(n, len(jobs), MAX_CONCURRENCY))
-    ex = concurrent.futures.ThreadPoolExecutor(max_workers=n, thread_name_prefix="delta-create")
-    futures = {ex.submit(worker.run, j): j for j in sorted(jobs, key=lambda j: -j.target.size)}
     done_count = 0
-    try:
-        pending = set(futures)
-        while pending:
-            done, pending = concurrent.futures.wait(
-                pending, timeout=0.1, return_when=concurrent.futures.FIRST_COMPLETED)
-            yield from worker.events.drain()
-            for f in done:
-                blobs[futures[f].diff_id] = f.result()
-                done_count += 1
-                yield {"progress": {"id": CREATE_ID, "fetched": done_count,
-                                    "total": len(jobs)}}
-        yield from worker.events.drain()
-    except BaseException:
-        opts.cancel.set()
-        raise
-    finally:
-        ex.shutdown(wait=True, cancel_futures=True)
-        for f, job in futures.items():
-            if f.done() and not f.cancelled() and f.exception() is None:
-                blobs.setdefault(job.diff_id, f.result())
+
+    def done(job: _Job, blob: _Blob) -> list[Event]:
+        nonlocal done_count
+        blobs[job.diff_id] = blob
+        done_count += 1
+        return [{"progress": {"id": CREATE_ID, "fetched": done_count, "total": len(jobs)}}]
+
+    yield from run_pooled(sorted(jobs, key=lambda j: -j.target.size), worker.run, n,
+                          worker.events, opts.cancel, "delta-create", done,
+                          lambda job, blob: blobs.setdefault(job.diff_id, blob))
 
 
 def _source(repo: Repository, old: OciImage, old_diff_ids: list[str]

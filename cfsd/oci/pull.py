@@ -13,7 +13,6 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import platform
-import queue
 import threading
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
@@ -32,10 +31,10 @@ from cfsd.oci.reference import ImageReference, parse
 from cfsd.oci.registry import Credentials
 from cfsd.oci.sources import BlobReader, PathOpener, Source, open_source
 from cfsd.oci.stats import ImportStats
+from cfsd.oci.workers import EventChannel, run_pooled
 
 Event = dict[str, Any]
 MAX_INDEX_DEPTH = 4
-PROGRESS_STEP = 4 << 20
 
 
 class Cancelled(RepositoryError):
@@ -169,14 +168,26 @@ def _select_platform(index_bytes: bytes, wanted: str) -> Descriptor:
     return candidates[0]
 
 
+def _untagged_layout(source: Source) -> bool:
+    """An oci:/oci-archive: source named without a tag or digest (its index.json is top)."""
+    ref = getattr(source, "ref", None)
+    return (getattr(ref, "transport", None) in ("oci", "oci-archive")
+            and not getattr(ref, "tag", None) and not getattr(ref, "digest", None))
+
+
 def resolve_manifest(source: Source, wanted_platform: str) -> tuple[bytes, str]:
     """(manifest bytes, manifest digest) after platform selection, all digests checked."""
     data, mtype, expected = source.top()
     if expected is not None:
         _check(data, expected, "manifest")
-    for _ in range(MAX_INDEX_DEPTH):
+    for depth in range(MAX_INDEX_DEPTH):
         kind = documents.media_type_of(data, mtype)
         if kind in mediatypes.INDEXES:
+            if depth == 0 and _untagged_layout(source) and \
+                    len(documents.parse_index(data).manifests) > 1:
+                # skopeo's words: a layout's index.json lists images, not platforms
+                raise NotFound(f"more than one image in oci, choose an image "
+                               f"({source.description}:TAG or @DIGEST)")
             desc = _select_platform(data, wanted_platform)
             child = source.manifest(desc.digest, desc.size or None)
             _check(child, desc.digest, "manifest")
@@ -196,37 +207,6 @@ class _LayerJob:
     desc: Descriptor
     stream_id_digest: str   # diff_id (container) or blob digest (artifact)
     container: bool
-
-
-class EventChannel:
-    """Thread-safe event channel from worker threads to a generator; byte progress is
-    coalesced per component."""
-
-    def __init__(self) -> None:
-        self.q: queue.Queue[Event] = queue.Queue()
-
-    def put(self, ev: Event) -> None:
-        """Queue one event."""
-        self.q.put(ev)
-
-    def progress(self, ident: str, total: int) -> Callable[[int], None]:
-        """A callback reporting cumulative bytes of *ident* (every PROGRESS_STEP bytes)."""
-        last = [0]
-
-        def cb(count: int) -> None:
-            if count - last[0] >= PROGRESS_STEP or count == total:
-                last[0] = count
-                self.q.put({"progress": {"id": ident, "fetched": count, "total": total}})
-        return cb
-
-    def drain(self) -> list[Event]:
-        """Every event queued so far."""
-        out = []
-        while True:
-            try:
-                out.append(self.q.get_nowait())
-            except queue.Empty:
-                return out
 
 
 class _InFlight:
@@ -450,22 +430,13 @@ def _run_layers(repo: Repository, source: Source, jobs: list[_LayerJob],
     if not jobs:
         return
     events = EventChannel()
-    ex = concurrent.futures.ThreadPoolExecutor(max_workers=opts.max_workers or layer_workers(),
-                                               thread_name_prefix="pull-layer")
-    futures = {ex.submit(_import_one, repo, source, j, events, opts.cancel): j for j in jobs}
-    try:
-        pending = set(futures)
-        while pending:
-            done, pending = concurrent.futures.wait(pending, timeout=0.1,
-                                                    return_when=concurrent.futures.FIRST_COMPLETED)
-            yield from events.drain()
-            for f in done:
-                verity, lstats = f.result()
-                layer_refs[futures[f].stream_id_digest] = verity
-                stats += lstats
-        yield from events.drain()
-    except BaseException:
-        opts.cancel.set()
-        raise
-    finally:
-        ex.shutdown(wait=True, cancel_futures=True)
+
+    def done(job: _LayerJob, result: tuple[bytes, ImportStats]) -> list[Event]:
+        nonlocal stats
+        layer_refs[job.stream_id_digest] = result[0]
+        stats += result[1]
+        return []
+
+    yield from run_pooled(jobs, lambda j: _import_one(repo, source, j, events, opts.cancel),
+                          opts.max_workers or layer_workers(), events, opts.cancel,
+                          "pull-layer", done)
