@@ -1,4 +1,4 @@
-"""Repository integrity check (storage.md 2.8).
+"""Repository integrity check (docs/repository.md).
 
 Phases: meta.json, every object (name == fs-verity digest of content), every stream link
 (splitstream parses, referenced objects exist), every image link (composefs validation,

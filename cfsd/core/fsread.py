@@ -1,4 +1,4 @@
-"""Reading a directory tree from disk into a :class:`FileSystem` (storage.md 6.5).
+"""Reading a directory tree from disk into a :class:`FileSystem` (docs/images.md).
 
 The scan follows composefs-rs ``read_filesystem`` and, with the matching options, C
 ``lcfs_build`` as used by ``mkcomposefs``:

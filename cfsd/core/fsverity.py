@@ -1,9 +1,9 @@
 """fs-verity file digests (4 KiB blocks, no salt) and the kernel fs-verity ioctls.
 
 The digest is the hash of the 256-byte fs-verity descriptor whose root hash is the top of a
-Merkle tree over 4096-byte blocks (storage.md section 1).  Hashing is streaming with
+Merkle tree over 4096-byte blocks (docs/repository.md).  Hashing is streaming with
 O(log n) memory; large files are hashed by a small process pool over mmap'd ranges, which
-roughly doubles throughput on two cores (tools.md section 4.2).  The daemon itself never
+roughly doubles throughput on two cores (bench/fsverity.py).  The daemon itself never
 maps a file (pread): a file truncated under it must not kill it with SIGBUS; a worker that
 dies that way is replaced and the file hashed again, serially.
 """

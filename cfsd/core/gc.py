@@ -1,4 +1,4 @@
-"""Garbage collection (storage.md 2.7), with upstream's failure modes fixed.
+"""Garbage collection (docs/repository.md), with upstream's failure modes fixed.
 
 Roots are every ``images/refs/**`` and ``streams/refs/**`` symlink plus caller-named
 first-level entries.  Live objects: root images and everything their EROFS references,

@@ -1,7 +1,7 @@
 """Locks: an in-process reader/writer lock and the repository flock discipline.
 
 Upstream holds a shared flock on the repository directory for every open handle and upgrades
-it to exclusive for garbage collection (storage.md 2.3).  Inside one daemon process several
+it to exclusive for garbage collection (docs/repository.md).  Inside one daemon process several
 operations share one repository fd, so the flock alone cannot order them; an RWLock does.
 """
 

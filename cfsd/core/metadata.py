@@ -1,6 +1,6 @@
 """meta.json: repository metadata, its creation, validation and the legacy upgrade.
 
-Bytes and rules follow composefs-rs (storage.md 2.2-2.3): serde_json pretty printing with a
+Bytes and rules follow composefs-rs (docs/repository.md): serde_json pretty printing with a
 trailing newline, unknown incompatible features refuse the open, an absent ``erofs_formats``
 means V2, and meta.json carries fs-verity exactly when the repository is secure.
 """

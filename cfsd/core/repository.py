@@ -1,4 +1,4 @@
-"""The composefs repository: meta.json, objects, streams, images and refs (storage.md 2).
+"""The composefs repository: meta.json, objects, streams, images and refs (docs/repository.md).
 
 Everything goes through a directory fd with O_NOFOLLOW on every component we open, so a
 symlink planted inside a repository can never redirect a write (or a read) outside it.

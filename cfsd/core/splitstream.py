@@ -1,4 +1,4 @@
-"""Splitstream reader and writer, byte-identical to composefs-rs (storage.md 3).
+"""Splitstream reader and writer, byte-identical to composefs-rs (docs/splitstream.md).
 
 A splitstream is a stored object: a 32-byte header, an 80-byte info section, the stream and
 object reference arrays (uncompressed), the named refs (one zstd frame) and the stream of

@@ -1,4 +1,4 @@
-"""Tar parsing with tar-core semantics and layer splitting into splitstreams (storage.md 5).
+"""Tar parsing with tar-core semantics and layer splitting into splitstreams (docs/splitstream.md).
 
 The parser is incremental: ``TarParser.parse(buf)`` looks at the start of a buffer and returns
 an event telling how many bytes the next item's headers occupy (every extension header
@@ -498,7 +498,7 @@ def layer_entries(chunks: Iterator[tuple[bool, bytes]]
                   ) -> Iterator[tuple[TarEntry, bytes | tuple[bytes, int]]]:
     """Entries of a layer splitstream with their content: inline bytes or (object, size).
 
-    Reads back what split_tar wrote (storage.md 5.4): headers from inline data, then either
+    Reads back what split_tar wrote (docs/splitstream.md): headers from inline data, then either
     an external object (regular files > 64 bytes) or the inline body, then the padding.
     """
     cur = _ChunkCursor(chunks)

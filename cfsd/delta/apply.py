@@ -6,7 +6,7 @@
 same raw manifest and config bytes, the same layer, config and manifest streams, the same
 EROFS images (``finalize_image``), and the tag set last.
 
-Order of work (delta.md 3.3, 3.6): parse the delta manifest by roles; fetch and verify the
+Order of work (docs/delta.md): parse the delta manifest by roles; fetch and verify the
 target manifest (against its descriptor, ``delta.target`` and ``subject``), the config
 (against the manifest) and the diff_id count; verify the embedded signature if a key was
 given; stop early if the target is already stored; find the source image by its config

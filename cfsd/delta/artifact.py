@@ -1,4 +1,4 @@
-"""oci-delta artifacts (delta.md 1, 3.2, 3.6): the delta manifest's roles and the target image.
+"""oci-delta artifacts (docs/delta.md): the delta manifest's roles and the target image.
 
 A delta is an OCI artifact manifest (``artifactType`` =
 ``application/vnd.io.github.containers.oci-delta.v1``) whose layers are role-tagged blobs
@@ -148,7 +148,7 @@ def parse_delta_manifest(data: bytes, digest: str) -> DeltaManifest:
 
 def verify_target(delta: DeltaManifest, manifest_bytes: bytes,
                   config_bytes: bytes) -> TargetImage:
-    """Check the embedded target image (delta.md 3.6 steps 1-3) and parse it.
+    """Check the embedded target image (docs/delta.md) and parse it.
 
     The bytes must already have been checked against their delta descriptors (the blob
     reader does that); here they are checked against ``delta.target``, ``subject``, the

@@ -1,4 +1,4 @@
-"""Writing an oci-delta artifact as an oci-archive (delta.md 1, 5.8): JSON, tar and output file.
+"""Writing an oci-delta artifact as an oci-archive (docs/delta.md): JSON, tar and output file.
 
 * :func:`delta_manifest` builds the delta manifest (``artifactType``, the empty config,
   role-annotated layers, ``subject`` and the five annotations, ``reused*`` only when
@@ -84,7 +84,7 @@ def delta_manifest(*, target_manifest: bytes, target_manifest_type: str,
                    target_config: bytes, target_config_type: str, source_manifest: str,
                    source_config: str, layers: list[LayerBlob], reused: list[str],
                    reused_diff_ids: list[str]) -> bytes:
-    """The delta manifest bytes (delta.md 1.3-1.6)."""
+    """The delta manifest bytes (docs/delta.md)."""
     target = sha256_digest(target_manifest)
     entries = [
         descriptor(target_manifest_type, target, len(target_manifest),

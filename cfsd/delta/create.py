@@ -1,9 +1,9 @@
-"""Creating an oci-delta artifact from two images of the repository (delta.md 5, 5.7-5.9).
+"""Creating an oci-delta artifact from two images of the repository (docs/delta.md).
 
 ``create_delta()`` is a generator like ``apply_delta()``: it yields progress events
 (``started``/``progress``/``done``/``message`` dicts) and returns a :class:`CreateResult`.
 
-Plan (delta.md 5.1): a new-image layer whose diff_id occurs anywhere in the old image is
+Plan (docs/delta.md): a new-image layer whose diff_id occurs anywhere in the old image is
 *reused* (no blob, listed in the ``reused*`` annotations); every other distinct diff_id is
 encoded once as a tar-diff (``cfsd.delta.tardiff_encode``, v1 by default, v2 on request)
 against the **merged root filesystem of the old image** — the very tree an applier resolves
@@ -13,7 +13,7 @@ Old files are matched by their fs-verity object id (no old file is read to be ha
 
 Per changed layer: the layer's tar is read back from its splitstream (and checked against
 its diff_id), encoded into an anonymous scratch file next to the output, then **applied** to
-the same source tree and checked against the diff_id (the guard of delta.md 5.7); the patch
+the same source tree and checked against the diff_id (the guard of docs/delta.md); the patch
 is kept when it is smaller than the target's compressed layer, otherwise the layer is
 recompressed with the compression of the target's layer (deterministic gzip, zstd or plain
 tar) and stored with its true media type.  Layers run in parallel on a thread pool; large
@@ -210,7 +210,7 @@ class _Blob:
 
 def original_media_type(target_media_type: str) -> tuple[str, str]:
     """(compression, OCI media type) a stored-whole layer gets: the target layer's
-    compression, labelled truthfully (delta.md 1.5, 5.9.3)."""
+    compression, labelled truthfully (docs/delta.md)."""
     mt = target_media_type
     if mt.endswith("+zstd") or mt.endswith(".zstd"):
         return "zstd", "application/vnd.oci.image.layer.v1.tar+zstd"

@@ -1,4 +1,4 @@
-"""Rebuilding one target layer of a delta into a staging area (delta.md 3.5, 3.7).
+"""Rebuilding one target layer of a delta into a staging area (docs/delta.md).
 
 A tar-diff is applied on a producer thread and its output streams through a small bounded
 queue straight into the tar splitter, so the reconstructed tar never exists on disk or in

@@ -1,4 +1,4 @@
-"""bup-style rolling-checksum blob splitting and matching (delta.md 5.6).
+"""bup-style rolling-checksum blob splitting and matching (docs/delta.md).
 
 The split rule is tar-diff's: a 128-byte window, char offset 31, ``s1 = 128*31`` and
 ``s2 = 128*127*31`` with a zeroed window at the start of every blob, per byte

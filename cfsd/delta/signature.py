@@ -1,4 +1,4 @@
-"""Embedded cosign signatures of a delta (delta.md 1.8): verification with a public key.
+"""Embedded cosign signatures of a delta (docs/delta.md): verification with a public key.
 
 A signature manifest's layers carry the base64 signature in the annotation
 ``dev.cosignproject.cosign/signature``; the signed data is the layer's payload blob, a cosign

@@ -1,4 +1,4 @@
-"""The data source of a delta: the merged root filesystem of the source image (delta.md 3.4).
+"""The data source of a delta: the merged root filesystem of the source image (docs/delta.md).
 
 The source image is found by the delta's ``source-config`` digest (its config stream
 ``oci-config-<digest>`` names every layer stream), or is the image the caller named, which

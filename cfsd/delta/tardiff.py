@@ -1,6 +1,6 @@
 """tar-diff (``application/vnd.tar-diff``) v1/v2: format constants and a streaming applier.
 
-Format (delta.md 2): an 8-byte header ``tardf1\\n\\0`` (v1) or ``tardf2\\n\\0`` (v2), then one
+Format (docs/delta.md): an 8-byte header ``tardf1\\n\\0`` (v1) or ``tardf2\\n\\0`` (v2), then one
 zstd stream (possibly several frames) holding ops.  Each op is ``u8 opcode``, an unsigned LEB128
 ``size`` and, for DATA/OPEN/ADD_DATA/ZSTD_DICT, ``size`` payload bytes:
 
@@ -30,7 +30,7 @@ dictionary, at most 512 MiB, excepted).  Every malformed or hostile input raises
 :class:`TarDiffError`.  Partial output may have been written when it is raised: callers write to
 a temporary file and check the result's digest before publishing it.
 
-cfsd rules beyond upstream (delta.md 2.4, 2.5): OPEN names must already be canonical (UTF-8,
+cfsd rules beyond upstream (docs/delta.md): OPEN names must already be canonical (UTF-8,
 non-empty, relative, no ``.``, ``..`` or empty components, no NUL, at most 4096 bytes); sizes of
 2**63 or more are rejected; SEEK past the end of the source is rejected; ops that produce no
 output are limited to 2**20 plus the number of bytes written, and dictionary loading to 1 GiB
@@ -166,7 +166,7 @@ def decode_uvarint(data: bytes | bytearray | memoryview, offset: int = 0) -> tup
 # names
 
 def validate_source_name(raw: bytes) -> str:
-    """The OPEN payload as a canonical relative path, or TarDiffError (delta.md 2.5, cfsd)."""
+    """The OPEN payload as a canonical relative path, or TarDiffError (docs/delta.md, cfsd)."""
     if len(raw) > MAX_NAME:
         raise TarDiffError(f"OPEN name of {len(raw)} bytes exceeds the limit of {MAX_NAME}")
     if not raw:

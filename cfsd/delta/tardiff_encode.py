@@ -6,7 +6,7 @@ API::
     stats = encode_tardiff(new_tar, index, out, EncodeOptions(version=1))
 
 * ``OldFile(path, size, digest, opener)`` describes one regular file of the **merged root
-  filesystem of the old image** (the consumer resolves OPEN names there, delta.md 3.4):
+  filesystem of the old image** (the consumer resolves OPEN names there, docs/delta.md):
   ``path`` is its canonical relative name (``usr/bin/bash``), ``size`` its length, ``digest``
   its content digest computed with ``EncodeOptions.hash_factory`` (or None when unknown) and
   ``opener()`` returns a new readable, seekable binary file of its content.  Files that are
@@ -18,7 +18,7 @@ API::
   padding and trailing bytes come back byte for byte; a tar the parser rejects (e.g. sparse
   members) degrades to DATA from that point on.
 * Per regular file, a source is chosen by content digest, then the same path, then a similar
-  basename or stem with a similar size (delta.md 5.3), and encoded as: DATA when tiny;
+  basename or stem with a similar size (docs/delta.md), and encoded as: DATA when tiny;
   OPEN/SEEK 0/COPY when identical; (v2) a ZSTD_DICT frame made with the whole old file as a
   raw-content dictionary when smaller than the file; bsdiff (ADD_DATA/DATA/SEEK, ADD split into
   <= 4 MiB ops, seeks absolute) within ``max_bsdiff_size``; rolling-checksum block COPYs when
@@ -29,7 +29,7 @@ API::
   ``EncodeOptions.reserve`` lets parallel encoders share one budget.
 * Output is deterministic for the same inputs and options.  ``EncodeStats.tar_sha256`` is the
   sha256 of the new tar as read, for the caller's guard: apply the result with
-  :func:`cfsd.delta.tardiff.apply_tardiff` and compare before publishing (delta.md 5.7).
+  :func:`cfsd.delta.tardiff.apply_tardiff` and compare before publishing (docs/delta.md).
 """
 
 from __future__ import annotations

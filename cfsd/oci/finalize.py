@@ -1,6 +1,6 @@
 """After a pull: build the composefs EROFS image(s) and link them from the config stream.
 
-As composefs-rs's ``ensure_oci_composefs_erofs`` (storage.md 4.5 step 4): for container
+As composefs-rs's ``ensure_oci_composefs_erofs`` (docs/pull.md): for container
 images, merge the layers, build one EROFS per format version of the repository, store them
 (``images/<hex>``), then rewrite the config splitstream with the same raw config bytes plus
 ``composefs.image`` (V2) / ``composefs.image.v1`` (V0/V1) refs and the manifest splitstream

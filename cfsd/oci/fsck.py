@@ -2,7 +2,7 @@
 
 On top of the repository fsck, every tagged image (or one) is checked: the stored manifest
 and config hash to their digests, the config is linked from the manifest, every layer has a
-named ref, a stream and its object.  Error strings are upstream's (cli.md 7.4).
+named ref, a stream and its object.  Error strings are upstream's (upstream cfsctl's `oci fsck`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""OCI images in a repository: config/manifest splitstreams, tags, listing (storage.md 4).
+"""OCI images in a repository: config/manifest splitstreams, tags, listing (docs/repository.md).
 
 Manifest and config are stored as their raw bytes in single external objects; their
 splitstreams carry named refs exactly as composefs-rs writes them: the config lists each
@@ -330,7 +330,7 @@ def list_tags(repo: Repository) -> list[tuple[str, str]]:
 
 
 def referrer_ref(subject: str, artifact: str) -> str:
-    """Stream ref of an artifact (signature, delta...) referring to *subject* (storage.md 4.4)."""
+    """Stream ref of an artifact (a signature, a delta...) referring to *subject*."""
     return f"{REFERRERS_PREFIX}{encode_tag(subject)}/{encode_tag(artifact)}"
 
 

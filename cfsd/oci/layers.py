@@ -1,4 +1,4 @@
-"""Importing a layer tar into the repository as ``oci-layer-<diff_id>`` (storage.md 4.1, 5).
+"""Importing a layer tar into the repository as ``oci-layer-<diff_id>`` (docs/splitstream.md).
 
 The tar is hashed while it is split; objects go to a staging area and the stream is
 published only when the whole tar parsed and its digest equals the expected diff_id, so a

@@ -1,4 +1,4 @@
-"""OCI and Docker media types (pull.md 7) and compression detection."""
+"""OCI and Docker media types (docs/pull.md) and compression detection."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The filesystem tree of an OCI image: its layers merged in order (storage.md 4.5 step 7, 5.6, 6).
+"""The filesystem tree of an OCI image: its layers merged in order (docs/images.md).
 
 Each layer splitstream is read back entry by entry (no layer is re-hashed when the image
 was opened through its fs-verity chain), mapped to tree content and applied with the
@@ -51,7 +51,7 @@ def entry_stat(e: TarEntry, shared: dict[tuple, tree.Stat] | None = None) -> tre
 
 
 def entry_item(e: TarEntry, content: bytes | tuple[bytes, int]) -> tree.LayerItem:
-    """Tree content of a tar entry (storage.md 5.6)."""
+    """Tree content of a tar entry (docs/images.md)."""
     t = e.typeflag
     if t == 0x35:
         return tree.DirectoryItem()

@@ -1,4 +1,4 @@
-"""Import statistics (pull.md 11) and their display string (cli.md 7.3)."""
+"""Import statistics and their display string (docs/pull.md)."""
 
 from __future__ import annotations
 

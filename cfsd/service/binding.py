@@ -1,7 +1,7 @@
 """The one wrapper around the python ``varlink`` package (31.0.0).
 
 We use the package for what it does well, parsing ``.varlink`` interface files, and replace
-its server side, which has the defects listed in spec/varlink.md 2.11: here every request is
+its server side, which has known defects (python varlink 31.0.0): here every request is
 validated strictly against the IDL and called with keyword arguments (defects 1, 3), every
 exception becomes a typed error reply and the connection stays up (2), requests are read in
 large chunks (4), streaming replies set ``continues`` correctly (9), and the transport passes
