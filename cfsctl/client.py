@@ -82,26 +82,32 @@ def method_params(method: str) -> list[str]:
 class Client:
     """One varlink connection (not thread-safe; one call at a time)."""
 
-    def __init__(self, sock: socket.socket, proc: subprocess.Popen[bytes] | None = None) -> None:
+    def __init__(self, sock: socket.socket, proc: subprocess.Popen[bytes] | None = None,
+                 address: str | None = None) -> None:
         self.sock = sock
         self.proc = proc
+        self.address = address        # None for an embedded daemon
+        self.in_call = False          # a call was sent and its last reply not yet read
         self._buf = bytearray()
         self._fds: list[int] = []
 
     def close(self) -> None:
-        """Close the connection (and wait for an embedded daemon to exit)."""
+        """Close the connection (and wait for an embedded daemon to clean up and exit: it
+        cancels a call in flight when the connection closes)."""
         for fd in self._fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._fds.clear()
         self.sock.close()
-        if self.proc is not None:
+        proc, self.proc = self.proc, None
+        if proc is not None:
             try:
-                self.proc.wait(timeout=30)
+                proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc = None
+                proc.kill()
+                proc.wait()
+            except KeyboardInterrupt:      # a second Ctrl-C: do not wait for the cleanup
+                pass
 
     def __enter__(self) -> Client:
         return self
@@ -149,15 +155,20 @@ class Client:
         msg: dict[str, Any] = {"method": method, "parameters": params}
         if more:
             msg["more"] = True
+        self.in_call = True
         self._send(msg, fds)
         while True:
             reply, rfds = self._recv()
             if "error" in reply:
+                self.in_call = False
                 for fd in rfds:
                     os.close(fd)
                 raise CallError(reply["error"], reply.get("parameters") or {})
+            last = not reply.get("continues")
+            if last:
+                self.in_call = False
             yield reply.get("parameters") or {}, rfds
-            if not reply.get("continues"):
+            if last:
                 return
 
     def call(self, method: str, params: dict[str, Any] | None = None,
@@ -180,18 +191,19 @@ def default_sockets() -> list[str]:
     return [*user, system]
 
 
-def connect(address: str) -> Client:
+def connect(address: str, timeout: float | None = None) -> Client:
     """Connect to ``unix:PATH`` (or a plain path)."""
     path = address.removeprefix("unix:")
     if path.startswith("@"):
         path = "\0" + path[1:]
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
     try:
         sock.connect(path)
     except OSError:
         sock.close()
         raise
-    return Client(sock)
+    return Client(sock, address=address)
 
 
 def daemon_command() -> list[str]:
@@ -201,12 +213,17 @@ def daemon_command() -> list[str]:
 
 
 def spawn(extra_args: Sequence[str] = ()) -> Client:
-    """Start a private cfsd serving one connection over a socket pair."""
+    """Start a private cfsd serving one connection over a socket pair.
+
+    It runs in a session of its own, so that the terminal's Ctrl-C reaches cfsctl only:
+    cfsctl then closes the connection, and the daemon cancels the call and cleans up.
+    """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     cmd = [*daemon_command(), "--connection-fd", str(theirs.fileno()),
            "--log-level", os.environ.get("CFSD_LOG_LEVEL", "error"), *extra_args]
     try:
-        proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                                start_new_session=True)
     except OSError as e:
         ours.close()
         raise ConnectError(f"cannot start cfsd ({cmd[0]}): {e.strerror}") from None

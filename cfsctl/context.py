@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 from typing import Any
 
-from cfsctl.client import Client, open_client
+from cfsctl.client import Client, connect, open_client
 
 SYSTEM_REPO = "/sysroot/composefs"
 
@@ -17,7 +18,11 @@ class UsageError(Exception):
 
 
 class CommandError(Exception):
-    """An operation failed (exit status 1) with a one-line message."""
+    """An operation failed (exit status 1) with a one-line message (and an optional hint)."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
 
 
 def repo_path(args: argparse.Namespace) -> str:
@@ -28,7 +33,8 @@ def repo_path(args: argparse.Namespace) -> str:
         return SYSTEM_REPO
     home = os.environ.get("HOME")
     if not home:
-        raise CommandError("$HOME is not set (needed for the user repository)")
+        raise CommandError("$HOME is not set (needed for the user repository)",
+                           "name the repository with --repo PATH")
     return os.path.join(home, ".var/lib/composefs")
 
 
@@ -37,11 +43,12 @@ def open_repository_dir(path: str) -> int:
     try:
         return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise CommandError(f"repository {path} does not exist") from None
+        raise CommandError(f"repository {path} does not exist",
+                           f"create it with: cfsctl --repo {shlex.quote(path)} init") from None
     except PermissionError:
-        raise CommandError(f"permission denied: {path}") from None
+        raise CommandError(f"repository {path}: permission denied") from None
     except OSError as e:
-        raise CommandError(f"cannot open repository {path}: {e.strerror}") from None
+        raise CommandError(f"repository {path}: {e.strerror}") from None
 
 
 class Context:
@@ -52,6 +59,26 @@ class Context:
         self._client: Client | None = None
         self._handle: int | None = None
         self.hash_algorithm: str | None = None
+        self.subject: str | None = None     # what the command works on, for error messages
+        self.ref_kind = "image"             # what a NoSuchRef error is about
+        self.interrupted = False
+
+    @property
+    def json(self) -> bool:
+        """--json was given."""
+        return bool(self.args.json)
+
+    @property
+    def quiet(self) -> bool:
+        """No progress output (-q, or --json)."""
+        return bool(self.args.quiet or self.args.json)
+
+    def cli(self, *words: str) -> str:
+        """A cfsctl command line for a hint, with this invocation's repository selection."""
+        a = self.args
+        sel = [f"--repo {shlex.quote(os.path.abspath(a.repo))}"] if a.repo else \
+            ["--user"] if a.user else ["--system"] if a.system else []
+        return " ".join(["cfsctl", *sel, *words])
 
     def daemon_args(self) -> list[str]:
         """Flags an embedded daemon gets from the global options."""
@@ -75,31 +102,50 @@ class Context:
     def handle(self) -> int:
         """Handle of the selected repository (opened on first use)."""
         if self._handle is None:
-            a = self.args
-            path = repo_path(a)
-            client = self.client          # connect first: a missing daemon is reported first
-            fd = open_repository_dir(path)
             try:
-                reply = client.call("org.composefs.Repository.OpenRepository", {
-                    "path": path, "path_fd": 0, "insecure": a.insecure or None,
-                    "require_verity": a.require_verity or None,
-                    "no_upgrade": a.no_upgrade or None}, fds=[fd])
-            finally:
-                os.close(fd)
-            self._handle = reply["handle"]
-            self.hash_algorithm = reply.get("hash_algorithm")
-            if a.hash and self.hash_algorithm and a.hash != self.hash_algorithm:
-                raise CommandError(f"repository is configured for {self.hash_algorithm} "
-                                   f"(from meta.json) but --hash {a.hash} was specified")
+                self._open()
+            except Exception as e:
+                e.about_repository = True   # type: ignore[attr-defined]  # not the subject's
+                raise
+        assert self._handle is not None
         return self._handle
 
+    def _open(self) -> None:
+        a = self.args
+        path = repo_path(a)
+        client = self.client          # connect first: a missing daemon is reported first
+        fd = open_repository_dir(path)
+        try:
+            reply = client.call("org.composefs.Repository.OpenRepository", {
+                "path": path, "path_fd": 0, "insecure": a.insecure or None,
+                "require_verity": a.require_verity or None,
+                "no_upgrade": a.no_upgrade or None}, fds=[fd])
+        finally:
+            os.close(fd)
+        self._handle = reply["handle"]
+        self.hash_algorithm = reply.get("hash_algorithm")
+        if a.hash and self.hash_algorithm and a.hash != self.hash_algorithm:
+            raise CommandError(f"repository is configured for {self.hash_algorithm} "
+                               f"(from meta.json) but --hash {a.hash} was specified")
+
     def close(self) -> None:
-        """Release the handle and drop the connection."""
-        if self._client is not None:
-            if self._handle is not None:
-                with contextlib.suppress(Exception):
-                    self._client.call("org.composefs.Repository.CloseRepository",
-                                      {"handle": self._handle})
-                self._handle = None
-            self._client.close()
-            self._client = None
+        """Release the handle and drop the connection.
+
+        A connection interrupted in the middle of a call is only closed (the daemon cancels
+        the call and removes what it staged); the handle is then released over a new
+        connection to a shared daemon (a private one goes away with its connection).
+        """
+        client, handle = self._client, self._handle
+        self._client = self._handle = None
+        if client is None:
+            return
+        close = {"handle": handle}
+        if handle is not None and not client.in_call:
+            with contextlib.suppress(Exception):
+                client.call("org.composefs.Repository.CloseRepository", close)
+            handle = None
+        address = client.address
+        client.close()
+        if handle is not None and address is not None:
+            with contextlib.suppress(Exception), connect(address, timeout=2.0) as again:
+                again.call("org.composefs.Repository.CloseRepository", close)

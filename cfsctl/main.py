@@ -4,38 +4,36 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
-from cfsctl.client import CallError, ConnectError
-from cfsctl.commands import cinfo, cmount, image, oci, repo
-from cfsctl.context import CommandError, Context, UsageError
+from cfsctl import errors
+from cfsctl.commands import cinfo, cmount, image, oci, repo, tools
+from cfsctl.context import Context
+from cfsctl.options import Recorder, add_global_options, resolve
 
 VERSION = "0.1.0"
 MULTICALL = {"composefs-info": cinfo.main, "mount.composefs": cmount.main}
+DESCRIPTION = """\
+composefs repository client: every command is a call to the cfsd daemon (the one at
+--address or $CFSD_ADDRESS, the user's or the system's; without one, a private daemon is
+started for the command).  Global options may be given before or after the command and
+mean the same everywhere.  Errors are one line, "Error: <what>: <why>", exit status 1;
+usage errors exit with 2."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command tree."""
-    p = argparse.ArgumentParser(prog="cfsctl", description="composefs repository client")
-    sel = p.add_mutually_exclusive_group()
-    sel.add_argument("--repo", metavar="PATH", help="repository path")
-    sel.add_argument("--user", action="store_true", help="$HOME/.var/lib/composefs")
-    sel.add_argument("--system", action="store_true", help="/sysroot/composefs")
-    p.add_argument("--address", help="cfsd socket (unix:PATH; default $CFSD_ADDRESS, the "
-                                     "standard sockets, else a private daemon)")
-    p.add_argument("--json", action="store_true", help="print varlink replies as JSON")
-    p.add_argument("--hash", choices=("sha256", "sha512"))
-    p.add_argument("--erofs-version", type=int, choices=(0, 1, 2))
-    p.add_argument("--insecure", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--require-verity", action="store_true")
-    p.add_argument("--no-upgrade", action="store_true")
-    p.add_argument("--no-repo", action="store_true",
-                   help="run without a repository (compute-id, create-dumpfile)")
-    p.add_argument("--version", action="version", version=f"cfsctl {VERSION}")
+def build_parser(rec: Recorder | None = None) -> argparse.ArgumentParser:
+    """The command tree (global options recorded into *rec*)."""
+    rec = rec or Recorder()
+    p = argparse.ArgumentParser(prog="cfsctl", description=DESCRIPTION)
+    add_global_options(p, rec, top=True)
+    p.add_argument("--version", action="version", version=f"cfsctl {VERSION}",
+                   help="print the version and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    repo.register(sub)
-    image.register(sub)
-    oci.register(sub)
+    repo.register(sub, rec)
+    image.register(sub, rec)
+    oci.register(sub, rec)
+    tools.register(sub, rec)
     return p
 
 
@@ -53,33 +51,41 @@ def main(argv: list[str] | None = None) -> int:
     mk = image.mkcomposefs_argv(argv)
     if mk is not None:
         return image.mkcomposefs_main(mk[1], address=mk[0])
-    parser = build_parser()
+    rec = Recorder()
+    parser = build_parser(rec)
     args = parser.parse_args(argv)
-    if args.no_repo and args.command not in image.NO_REPO_COMMANDS:
-        print(f"Error: {image.NO_REPO_ERROR}", file=sys.stderr)
-        return 1
-    ctx = Context(args)
+    resolve(args, rec, parser)
+    return run(Context(args), parser)
+
+
+def run(ctx: Context, parser: argparse.ArgumentParser) -> int:
+    """Run the chosen command; every failure is reported by :func:`errors.report`."""
+    args = ctx.args
+    status = 0
+    sigpipe = False
     try:
-        return int(args.func(ctx, args) or 0)
-    except UsageError as e:
-        parser.print_usage(sys.stderr)
-        print(f"cfsctl: error: {e}", file=sys.stderr)
-        return 2
-    except CallError as e:
-        print(f"Error: {e}", file=sys.stderr)
-        return 2 if e.name.endswith(".InvalidParameter") else 1
-    except (CommandError, ConnectError) as e:
-        print(f"Error: {e}", file=sys.stderr)
-        return 1
-    except (OSError, ConnectionError) as e:
-        print(f"Error: {e.strerror or e}" if isinstance(e, OSError) else f"Error: {e}",
-              file=sys.stderr)
-        return 1
+        if args.no_repo and args.command not in image.NO_REPO_COMMANDS:
+            raise image.no_repo_error()
+        status = int(args.func(ctx, args) or 0)
+        sys.stdout.flush()
     except KeyboardInterrupt:
-        return 130
+        ctx.interrupted = True
+        status = 130
+    except BaseException as e:
+        if not isinstance(e, Exception):
+            raise
+        if errors.is_broken_pipe(e):
+            sigpipe = True
+        else:
+            status = errors.report(e, ctx, getattr(args, "parser", parser))
     finally:
         try:
-            sys.stdout.flush()
-        except BrokenPipeError:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-        ctx.close()
+            ctx.close()
+        except KeyboardInterrupt:
+            status = 130
+    if status == 130:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print("Error: interrupted", file=sys.stderr)
+    if sigpipe:
+        errors.die_of_sigpipe()
+    return status

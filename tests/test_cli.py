@@ -104,6 +104,8 @@ def test_errors_and_usage(shared_daemon: Daemon, tmp_path: Path) -> None:
     p = run_cfsctl("--repo", str(tmp_path / "none"), "gc", address=shared_daemon.address,
                    check=False)
     assert p.returncode == 1 and p.stderr.decode().count("\n") == 1
+    assert p.stderr.decode() == (f"Error: repository {tmp_path / 'none'} does not exist "
+                                 f"(create it with: cfsctl --repo {tmp_path / 'none'} init)\n")
     p = run_cfsctl("--repo", str(tmp_path), "gc", address=shared_daemon.address, check=False)
     assert p.returncode == 1 and "not a composefs repository" in p.stderr.decode()
     p = run_cfsctl("frobnicate", address=shared_daemon.address, check=False)
@@ -112,6 +114,10 @@ def test_errors_and_usage(shared_daemon: Daemon, tmp_path: Path) -> None:
     assert p.returncode == 2
     p = run_cfsctl("gc", address="unix:/nonexistent/sock", check=False)
     assert p.returncode == 1 and "cannot connect to cfsd" in p.stderr.decode()
+    assert p.stderr.decode().startswith("Error: cannot connect to cfsd at unix:/nonexistent/sock")
+    # global options after the command mean what they mean before it
+    p = run_cfsctl("gc", "--repo", "x", "--user", address=shared_daemon.address, check=False)
+    assert p.returncode == 2
 
 
 def test_embedded_daemon_is_private(tmp_path: Path) -> None:

@@ -4,22 +4,16 @@ the repository, or write one from two images of the repository."""
 from __future__ import annotations
 
 import argparse
+import os
 
 from cfsctl.context import CommandError, Context
-from cfsctl.output import print_completed, print_json
+from cfsctl.options import Recorder, command, positive
+from cfsctl.output import print_completed, print_result
 from cfsctl.paths import Passed
 from cfsctl.progress import human, stream_with_progress
 
 OCI = "org.composefs.Oci."
 MAX_KEY = 64 << 10
-
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
 
 
 def read_key(path: str) -> str:
@@ -39,6 +33,7 @@ def read_key(path: str) -> str:
 
 def cmd_apply_delta(ctx: Context, a: argparse.Namespace) -> int:
     """Apply a delta (oci:, oci-archive: or docker://) and tag the resulting image."""
+    ctx.subject = a.delta
     params = {"handle": ctx.handle, "delta": a.delta, "name": a.name, "source": a.source,
               "tls_verify": a.tls_verify, "credentials": a.creds,
               "concurrency": a.concurrency,
@@ -46,11 +41,11 @@ def cmd_apply_delta(ctx: Context, a: argparse.Namespace) -> int:
     with Passed() as passed:
         passed.transport_path(a.delta, params, "delta_fd")
         passed.auth_file(a.delta, a.authfile, a.creds, params)
-        completed = stream_with_progress(ctx.client, OCI + "ApplyDelta", params, "completed",
-                                         a.quiet or ctx.args.json, passed.fds)
+        completed = stream_with_progress(ctx, OCI + "ApplyDelta", params, "completed",
+                                         "apply-delta", passed.fds)
     if completed is None:
         raise CommandError("apply-delta finished without a result")
-    print_completed(completed, a.name or a.delta, ctx.args.json)
+    print_completed(ctx, completed, a.name or a.delta)
     return 0
 
 
@@ -62,12 +57,12 @@ def cmd_create_delta(ctx: Context, a: argparse.Namespace) -> int:
               "format": a.format, "concurrency": a.concurrency, "ref_name": a.ref_name}
     with Passed() as passed:
         params["output_dir_fd"] = passed.parent(a.output, what=a.output)
-        created = stream_with_progress(ctx.client, OCI + "CreateDelta", params, "created",
-                                       a.quiet or ctx.args.json, passed.fds)
+        created = stream_with_progress(ctx, OCI + "CreateDelta", params, "created",
+                                       "create-delta", passed.fds)
     if created is None:
         raise CommandError("create-delta finished without a result")
-    if ctx.args.json:
-        print_json(created)
+    if ctx.json:
+        print_result(ctx, {"output": os.path.abspath(a.output), **created})
         return 0
     layers = created["layers"]
     changed = [x for x in layers if x["kind"] != "reused"]
@@ -88,31 +83,28 @@ def cmd_create_delta(ctx: Context, a: argparse.Namespace) -> int:
     return 0
 
 
-def register(osub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(osub: argparse._SubParsersAction, rec: Recorder) -> None:  # type: ignore[type-arg]
     """Add the delta subcommands to ``cfsctl oci``."""
-    p = osub.add_parser("apply-delta", help="apply an oci-delta artifact to a stored image")
+    from cfsctl.commands.oci import add_registry_options
+    p = command(osub, rec, "apply-delta", "apply an oci-delta artifact to a stored image")
     p.add_argument("delta", help="oci:DIR[:NAME], oci-archive:FILE[:NAME] or docker://REF")
     p.add_argument("name", nargs="?", help="tag for the result (default: the delta reference)")
     p.add_argument("--from", dest="source", metavar="IMAGE",
                    help="the source image (tag or @digest); default: found by its config")
     p.add_argument("--verify-key", metavar="PUBKEY",
                    help="PEM public key the embedded signature must verify with")
-    p.add_argument("--tls-verify", type=_bool, default=None, metavar="BOOL")
-    p.add_argument("--creds", metavar="USER:PASSWORD")
-    p.add_argument("--authfile", metavar="PATH")
-    p.add_argument("--concurrency", type=int, help="layers applied at once")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    add_registry_options(p, "layers applied at once")
     p.set_defaults(func=cmd_apply_delta)
-    p = osub.add_parser("create-delta",
-                        help="write an oci-delta artifact turning image OLD into image NEW")
+    p = command(osub, rec, "create-delta",
+                "write an oci-delta artifact turning image OLD into image NEW")
     p.add_argument("old", help="the image the delta applies to (tag or @digest)")
     p.add_argument("new", help="the image the delta rebuilds (tag or @digest)")
     p.add_argument("output", help="path of the oci-archive to write")
     p.add_argument("--format", choices=("v1", "v2"), default=None,
                    help="tar-diff format: v1 (default, readable everywhere) or v2 (zstd "
                         "dictionary frames)")
-    p.add_argument("--concurrency", type=int, help="layers encoded at once")
+    p.add_argument("--concurrency", type=positive, metavar="N",
+                   help="layers encoded at once (1 to 64)")
     p.add_argument("--name", dest="ref_name", metavar="NAME",
                    help="org.opencontainers.image.ref.name of the index entry")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_create_delta)

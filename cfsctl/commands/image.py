@@ -16,18 +16,32 @@ from typing import Any
 
 from cfsctl.client import CallError, ConnectError, open_client
 from cfsctl.context import CommandError, Context, repo_path
-from cfsctl.output import print_json
+from cfsctl.options import Recorder, command, hidden
+from cfsctl.output import Capture, emit, print_result
 from cfsctl.paths import Passed
 
 R = "org.composefs.Repository."
 _INT = re.compile(r"[ \t\n\r\f\v]*[+-]?[0-9]+")
-NO_REPO_COMMANDS = ("compute-id", "compute-karg", "create-dumpfile", "mkcomposefs")
-NO_REPO_ERROR = "--no-repo is only supported for compute-id, compute-karg and create-dumpfile"
+NO_REPO_COMMANDS = ("compute-id", "create-dumpfile", "mkcomposefs")
+NO_REPO_ERROR = "--no-repo is only supported for compute-id and create-dumpfile"
+BOOTABLE_ERROR = "boot transforms are not supported by cfsd"
+
+
+def no_repo_error() -> CommandError:
+    """The error for --no-repo with a command that needs a repository."""
+    return CommandError(NO_REPO_ERROR)
+
+
+def refuse_bootable(a: argparse.Namespace) -> None:
+    """``--bootable`` is not offered (cfsd has no boot transforms): a clear error for old
+    command lines that still give it."""
+    if getattr(a, "bootable", False):
+        raise CommandError(f"--bootable: {BOOTABLE_ERROR}")
 
 
 def _fs_options(a: argparse.Namespace) -> dict[str, Any]:
-    return {"bootable": a.bootable or None,
-            "no_propagate_usr_to_root": a.no_propagate_usr_to_root or None,
+    refuse_bootable(a)
+    return {"no_propagate_usr_to_root": a.no_propagate_usr_to_root or None,
             "xattrs": a.xattrs}
 
 
@@ -54,59 +68,58 @@ def _pass_repository(ctx: Context, passed: Passed, params: dict[str, Any]) -> No
 
 def cmd_create_image(ctx: Context, a: argparse.Namespace) -> int:
     """Scan a directory, store its objects and commit its EROFS image(s)."""
+    options = _fs_options(a)
+    ctx.subject = a.path
     with Passed() as passed:
         index = passed.directory(a.path, what="directory")
         reply = ctx.client.call(R + "CreateImage", {
             "handle": ctx.handle, "path": a.path, "path_fd": index, "name": a.image_name,
-            "erofs_version": ctx.args.erofs_version, "options": _fs_options(a)},
+            "erofs_version": ctx.args.erofs_version, "options": options},
             fds=passed.fds)
-    if ctx.args.json:
-        print_json(reply)
-    else:
-        print(f"{reply['algorithm']}:{reply['image_id']}")
+    emit(ctx, reply, f"{reply['algorithm']}:{reply['image_id']}")
     return 0
 
 
 def cmd_compute_id(ctx: Context, a: argparse.Namespace) -> int:
     """The image id of a directory (hex), storing nothing."""
+    options = _fs_options(a)
+    ctx.subject = a.path
     with Passed() as passed:
         params = {"path": a.path, "path_fd": passed.directory(a.path, what="directory"),
                   "algorithm": ctx.args.hash, "erofs_version": ctx.args.erofs_version,
-                  "options": _fs_options(a)}
+                  "options": options}
         _pass_repository(ctx, passed, params)
         reply = ctx.client.call(R + "ComputeId", params, fds=passed.fds)
-    if ctx.args.json:
-        print_json(reply)
-    else:
-        print(reply["image_id"])
+    emit(ctx, reply, reply["image_id"])
     return 0
 
 
 def cmd_create_dumpfile(ctx: Context, a: argparse.Namespace) -> int:
-    """A directory as a dumpfile on stdout."""
-    sys.stdout.flush()
-    with Passed([1]) as passed:
-        params = {"path": a.path, "path_fd": passed.directory(a.path, what="directory"),
-                  "algorithm": ctx.args.hash, "options": _fs_options(a), "output_fd": 0}
-        _pass_repository(ctx, passed, params)
-        ctx.client.call(R + "CreateDumpfile", params, fds=passed.fds)
+    """A directory as a dumpfile on stdout (with --json: its lines as a JSON list)."""
+    options = _fs_options(a)
+    ctx.subject = a.path
+    capture = Capture() if ctx.json else None
+    try:
+        sys.stdout.flush()
+        with Passed([capture.write_fd if capture else 1]) as passed:
+            params = {"path": a.path, "path_fd": passed.directory(a.path, what="directory"),
+                      "algorithm": ctx.args.hash, "options": options, "output_fd": 0}
+            _pass_repository(ctx, passed, params)
+            ctx.client.call(R + "CreateDumpfile", params, fds=passed.fds)
+        if capture:
+            print_result(ctx, {"lines": capture.lines()})
+    finally:
+        if capture:
+            capture.close()
     return 0
 
 
 def cmd_dump_files(ctx: Context, a: argparse.Namespace) -> int:
     """Dumpfile lines (or backing paths) of files in a stored image."""
-    try:
-        reply = ctx.call(R + "DumpFiles", handle=ctx.handle, image=a.image_name,
-                         files=a.files, backing_path_only=a.backing_path_only or None)
-    except CallError as e:
-        if e.short == "NoSuchRef":
-            raise CommandError(f"no such image: {a.image_name}") from None
-        raise
-    if ctx.args.json:
-        print_json(reply)
-    else:
-        for line in reply["lines"]:
-            print(line)
+    ctx.subject = a.image_name
+    reply = ctx.call(R + "DumpFiles", handle=ctx.handle, image=a.image_name,
+                     files=a.files, backing_path_only=a.backing_path_only or None)
+    emit(ctx, reply, lambda: sys.stdout.writelines(line + "\n" for line in reply["lines"]))
     return 0
 
 
@@ -138,34 +151,38 @@ def mkcomposefs_argv(argv: Sequence[str]) -> tuple[str | None, list[str]] | None
     return None
 
 
+XATTRS_HELP = ("which xattrs to keep: allowlist-only (default; security.capability and "
+               "the like) or keep-user-xattrs (also user.*)")
+
+
 def _add_fs_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="root directory of the tree")
-    p.add_argument("--bootable", action="store_true",
-                   help="boot transform (not supported by cfsd: refused)")
+    p.add_argument("path", metavar="DIR", help="root directory of the tree")
+    hidden(p, "--bootable", action="store_true")
     p.add_argument("--no-propagate-usr-to-root", action="store_true",
                    help="do not copy /usr metadata to / (skips the OCI transform)")
     p.add_argument("--xattrs", choices=("allowlist-only", "keep-user-xattrs"),
-                   help="which xattrs to keep (default allowlist-only)")
+                   help=XATTRS_HELP)
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction, rec: Recorder) -> None:  # type: ignore[type-arg]
     """Add the image commands to the top-level command tree."""
-    p = sub.add_parser("create-image", help="scan a directory, store it and commit its image")
+    p = command(sub, rec, "create-image", "scan a directory, store it and commit its image")
     _add_fs_options(p)
-    p.add_argument("image_name", nargs="?", help="also name it images/refs/IMAGE_NAME")
+    p.add_argument("image_name", nargs="?", metavar="NAME",
+                   help="also name it images/refs/NAME")
     p.set_defaults(func=cmd_create_image)
 
-    p = sub.add_parser("compute-id", help="composefs image id of a directory (stores nothing)")
+    p = command(sub, rec, "compute-id", "composefs image id of a directory (stores nothing)")
     _add_fs_options(p)
     p.set_defaults(func=cmd_compute_id)
 
-    p = sub.add_parser("create-dumpfile", help="a directory as a composefs dumpfile on stdout")
+    p = command(sub, rec, "create-dumpfile", "a directory as a composefs dumpfile on stdout")
     _add_fs_options(p)
     p.set_defaults(func=cmd_create_dumpfile)
 
-    p = sub.add_parser("dump-files", help="dumpfile lines of files in a stored image")
-    p.add_argument("image_name", help="image id or refs/NAME")
-    p.add_argument("files", nargs="*", help="paths inside the image")
+    p = command(sub, rec, "dump-files", "dumpfile lines of files in a stored image")
+    p.add_argument("image_name", metavar="IMAGE", help="image id or refs/NAME")
+    p.add_argument("files", nargs="*", metavar="FILE", help="paths inside the image")
     p.add_argument("--backing-path-only", action="store_true",
                    help='print "<path> inline" or "<path> <object path>"')
     p.set_defaults(func=cmd_dump_files)

@@ -47,6 +47,46 @@ class JournalFormatter(logging.Formatter):
         return f"<{_PRIORITY.get(record.levelno, 6)}>{record.name}: {super().format(record)}"
 
 
+class PlainFormatter(logging.Formatter):
+    """``name: message`` (``name: warning: message`` above info) for a terminal or a file."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
+        return f"{record.name}: {level}{super().format(record)}"
+
+
+def under_journald(fd: int = 2) -> bool:
+    """Whether *fd* is the journal stream systemd connected (``$JOURNAL_STREAM`` names its
+    device and inode)."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    dev, _, ino = value.partition(":")
+    try:
+        st = os.fstat(fd)
+        return (int(dev), int(ino)) == (st.st_dev, st.st_ino)
+    except (OSError, ValueError):
+        return False
+
+
+def _demote_to_debug(record: logging.LogRecord) -> bool:
+    """httpx logs every registry request at info: they are debug messages here."""
+    if record.levelno == logging.INFO:
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+    return logging.getLogger().isEnabledFor(record.levelno)
+
+
+def setup_logging(level: str) -> None:
+    """Log to stderr: journald priorities under systemd, plain lines otherwise; registry
+    requests at debug level."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JournalFormatter("%(message)s") if under_journald()
+                         else PlainFormatter("%(message)s"))
+    numeric = logging.getLevelName(level.upper())
+    logging.basicConfig(level=numeric if isinstance(numeric, int) else logging.INFO,
+                        handlers=[handler], force=True)
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).addFilter(_demote_to_debug)
+
+
 def build_service(state: State) -> Service:
     """The varlink service with both composefs interfaces."""
     service = Service(vendor="org.composefs", product="cfsd", version=__version__,
@@ -60,11 +100,19 @@ def build_service(state: State) -> Service:
     return service
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """Command-line options."""
-    p = argparse.ArgumentParser(prog="cfsd", description="composefs repository daemon (varlink)")
-    p.add_argument("--address", help="listen on unix:PATH (default: socket activation)")
-    p.add_argument("--socket-mode", type=lambda s: int(s, 8), default=None,
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The daemon's command line (also the source of cfsd(1))."""
+    p = argparse.ArgumentParser(
+        prog="cfsd", description="composefs repository daemon: serves the varlink interfaces "
+        "org.composefs.Repository and org.composefs.Oci on a Unix socket (bound with "
+        "--address, socket-activated, or standard input as the one connection).  "
+        "`cfsd install-units [--user] [--dest DIR]` writes its systemd units.")
+    p.add_argument("--address", metavar="unix:PATH",
+                   help="listen on unix:PATH (default: socket activation)")
+    p.add_argument("--socket-mode", type=lambda s: int(s, 8), default=None, metavar="MODE",
                    help="mode of a bound socket (default 0660 as root, 0600 otherwise)")
     p.add_argument("--connection-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--insecure", action="store_true", help="do not require fs-verity")
@@ -81,9 +129,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--exit-idle", type=float, default=None, metavar="SECONDS",
                    help="exit after SECONDS without connections (socket activation starts "
                         "the daemon again on the next one)")
-    p.add_argument("--log-level", default=os.environ.get("CFSD_LOG_LEVEL", "info"))
-    p.add_argument("--version", action="version", version=f"cfsd {__version__}")
-    return p.parse_args(argv)
+    p.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS,
+                   default=os.environ.get("CFSD_LOG_LEVEL", "info").lower(),
+                   help="least important messages logged (default: $CFSD_LOG_LEVEL, else "
+                        "info); registry requests are debug")
+    p.add_argument("--version", action="version", version=f"cfsd {__version__}",
+                   help="print the version and exit")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line options."""
+    return build_parser().parse_args(argv)
 
 
 def stdin_connection() -> socket.socket | None:
@@ -119,9 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         from cfsd.service import units
         return units.main(argv[1:])
     args = parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JournalFormatter("%(message)s"))
-    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+    setup_logging(args.log_level)
     _raise_fd_limit()
     # Before anyone is served: load everything a call may need (a thread working as a caller
     # must not read the interpreter's files), and start the helpers while the daemon is
@@ -140,6 +195,13 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot load interfaces: %s", e)
         return 1
     server = Server(service)
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("received signal %d, shutting down", signum)
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
 
     if args.connection_fd is not None:
         sock = socket.socket(fileno=args.connection_fd)
@@ -172,12 +234,6 @@ def main(argv: list[str] | None = None) -> int:
         log.error("no --address given, not socket-activated and stdin is not a connection")
         return 2
 
-    def stop(signum: int, _frame: FrameType | None) -> None:
-        log.info("received signal %d, shutting down", signum)
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
     try:
         for s in connected:          # Accept=yes, varlinkctl exec:, inetd style
             server.start_connection(s)
