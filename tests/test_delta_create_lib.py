@@ -10,7 +10,6 @@ import os
 import random
 import tempfile
 import threading
-import time
 from collections.abc import Generator
 from pathlib import Path
 from typing import Any
@@ -200,8 +199,21 @@ def test_cancel_leaves_nothing(small: Repository, tmp_path: Path) -> None:
     assert os.listdir(out) == []
 
 
+class WatchedCondition(threading.Condition):
+    """A Condition that reports when a thread starts waiting on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waiting.set()
+        return super().wait(timeout)
+
+
 def test_memory_budget() -> None:
     b = MemoryBudget(100)
+    b._cond = cond = WatchedCondition()
     order: list[str] = []
     with b.reserve(60):
         def other() -> None:
@@ -209,10 +221,14 @@ def test_memory_budget() -> None:
                 order.append("second")
         t = threading.Thread(target=other)
         t.start()
-        time.sleep(0.3)
+        # the other thread is blocked inside reserve (60 + 60 > 100), not merely late
+        assert cond.waiting.wait(60)
+        assert b.used == 60 and order == [] and t.is_alive()
         order.append("first")
-    t.join()
+    t.join(60)
+    assert not t.is_alive()
     assert order == ["first", "second"]
+    assert b.used == 0 and b.peak == 60
     with b.reserve(10_000):                          # over the budget: runs alone
         assert b.used == 100
     assert b.used == 0 and b.peak == 100
@@ -278,3 +294,36 @@ def test_output_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         assert sorted(os.listdir(tmp_path)) == ["dir", "new", "out"]
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_renamed_and_edited_file_is_encoded_against_the_content_similar_file(
+        version: int) -> None:
+    """Sources are chosen by content: a renamed, edited README goes against its old version
+    (not the same-basename file of the closest size), a file renamed beyond any name
+    resemblance against its old content; the spec applier rebuilds the tar."""
+    import io
+
+    from cfsd.delta.tardiff_encode import EncodeOptions, OldFile, encode_tardiff
+    from tests.deltaspec import decode_tardiff
+
+    r = random.Random(16)
+    old = {f"doc/pkg{i}-1.0/README.md": r.randbytes(20_000 + 50 * i) for i in range(12)}
+    old["lib/libapp.so.1.2.3"] = r.randbytes(50_000)
+    readme = bytearray(old["doc/pkg3-1.0/README.md"])
+    readme[:16] = b"Date: 2025-06-30"
+    readme[9_000:9_000] = r.randbytes(250)        # now closest in size to pkg8's README
+    lib = bytearray(old["lib/libapp.so.1.2.3"])
+    lib[30_000:30_008] = r.randbytes(8)
+    new = {"doc/pkg3-1.1/README.md": bytes(readme), "opt/z/renamed.bin": bytes(lib)}
+    tar = make_tar([D("doc"), D("doc/pkg3-1.1"), D("opt"), D("opt/z"),
+                    *[F(n, c) for n, c in new.items()]])
+    files = [OldFile(p, len(c), sha256(c).encode(), lambda c=c: io.BytesIO(c))
+             for p, c in old.items()]
+    out = io.BytesIO()
+    stats = encode_tardiff(io.BytesIO(tar), files, out, EncodeOptions(version=version))
+    decoded = decode_tardiff(out.getvalue(), old)
+    assert decoded.output == tar
+    assert decoded.opened == {"doc/pkg3-1.0/README.md", "lib/libapp.so.1.2.3"}
+    assert stats.sources_used == decoded.opened
+    assert len(out.getvalue()) < 4_000        # the new contents are 70 KB of random bytes

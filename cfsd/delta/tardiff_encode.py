@@ -17,16 +17,19 @@ API::
   Everything except the content of chosen regular files is reproduced as DATA, so headers,
   padding and trailing bytes come back byte for byte; a tar the parser rejects (e.g. sparse
   members) degrades to DATA from that point on.
-* Per regular file, a source is chosen by content digest, then the same path, then a similar
-  basename or stem with a similar size (docs/delta.md), and encoded as: DATA when tiny;
+* Per regular file, a source is chosen by content digest, then by content similarity
+  (sampled fingerprints, :mod:`cfsd.delta.similar`, same path/basename/stem favoured), then
+  the same path, then a similar basename or stem with a similar size (docs/delta.md), and
+  encoded as: DATA when tiny;
   OPEN/SEEK 0/COPY when identical; (v2) a ZSTD_DICT frame made with the whole old file as a
   raw-content dictionary when smaller than the file; bsdiff (ADD_DATA/DATA/SEEK, ADD split into
   <= 4 MiB ops, seeks absolute) within ``max_bsdiff_size``; rolling-checksum block COPYs when
   more than 20 % of the blobs match; DATA otherwise.
 * Memory: one file at a time (spooled to a temporary file above 8 MiB); bsdiff holds both
   files plus ~16 bytes per old byte, zstd both files plus 8-16 bytes per old byte, rollsum
-  a few MiB; DATA is flushed every 4 MiB.  The caps in :class:`EncodeOptions` bound it, and
-  ``EncodeOptions.reserve`` lets parallel encoders share one budget.
+  a few MiB; the content index of the old files about 100 bytes per feature (at most
+  about 2**20 features); DATA is flushed every 4 MiB.  The caps in :class:`EncodeOptions`
+  bound it, and ``EncodeOptions.reserve`` lets parallel encoders share one budget.
 * Output is deterministic for the same inputs and options.  ``EncodeStats.tar_sha256`` is the
   sha256 of the new tar as read, for the caller's guard: apply the result with
   :func:`cfsd.delta.tardiff.apply_tardiff` and compare before publishing (docs/delta.md).
@@ -37,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, closing, nullcontext
 from dataclasses import dataclass, field
@@ -46,6 +50,7 @@ from typing import IO, Protocol
 import zstandard
 
 from cfsd.core.tar import BLOCK, EndEvent, GlobalEvent, NeedData, TarError, TarParser
+from cfsd.delta import similar
 from cfsd.delta.rollsum import Blob, match_blobs, rollsum_blobs
 from cfsd.delta.tardiff import (
     HEADER_V1,
@@ -171,7 +176,8 @@ def normalize_tar_name(raw: bytes) -> str | None:
 
 
 class SourceIndex:
-    """Lookup tables over the old files: by (size, digest), path, basename and stem."""
+    """Lookup tables over the old files: by (size, digest), path, basename and stem, and
+    (built on first use, once) by sampled content fingerprints (:mod:`cfsd.delta.similar`)."""
 
     def __init__(self, files: Iterable[OldFile]) -> None:
         self.by_content: dict[tuple[int, bytes], OldFile] = {}
@@ -179,6 +185,9 @@ class SourceIndex:
         self.by_path: dict[str, OldFile] = {}
         self.by_base: dict[str, list[OldFile]] = {}
         self.by_stem: dict[str, list[OldFile]] = {}
+        self._indexed: list[OldFile] = []
+        self._content: similar.ContentIndex | None = None
+        self._lock = threading.Lock()
         for f in files:
             if f.size <= 0 or not is_canonical_name(f.path) or f.path in self.by_path:
                 continue
@@ -192,6 +201,8 @@ class SourceIndex:
                 base = _basename(path)
                 self.by_base.setdefault(base, []).append(f)
                 self.by_stem.setdefault(_stem(base), []).append(f)
+                if f.size >= similar.MIN_SIZE:
+                    self._indexed.append(f)
 
     def exact(self, size: int, digest: bytes, name: str | None) -> OldFile | None:
         """A file with this content, preferring the target's own path."""
@@ -218,6 +229,46 @@ class SourceIndex:
             if best is not None:
                 return best
         return None
+
+
+    def content_index(self) -> similar.ContentIndex:
+        """The fingerprint index of the old files (built once, by the first caller)."""
+        with self._lock:
+            if self._content is None:
+                files = self._indexed
+                self._content = similar.build_index([f.size for f in files],
+                                                    [f.opener for f in files])
+            return self._content
+
+    def best(self, name: str | None, size: int, prefix: bytes) -> OldFile | None:
+        """The old file sharing the most content with a new file (*prefix*: its first
+        ``similar.FP_BYTES``), same-path/basename/stem files favoured; else :meth:`similar`.
+
+        Score: shared features, plus a quarter of the new file's features for the same
+        path and an eighth for the same basename or stem; at least 2 and 5 % of the
+        features must be shared; sources over 16x the file (+1 MiB) are skipped (memory).
+        Ties go to the closest size, then the path."""
+        fallback = self.similar(name, size)
+        if name is None or not _delta_candidate(name) or size < similar.MIN_SIZE:
+            return fallback
+        index = self.content_index()
+        feats = similar.fingerprint(prefix, index.bits)
+        n = len(feats)
+        counts = index.shared(feats)
+        if not counts:
+            return fallback
+        base = _basename(name)
+        bonus: dict[str, int] = {}
+        for f in (*self.by_stem.get(_stem(base), ()), *self.by_base.get(base, ())):
+            bonus[f.path] = n // 8
+        bonus[name] = n // 4
+        limit = 16 * size + (1 << 20)
+        ranked: list[tuple[int, int, str, OldFile]] = []
+        for fid, c in counts.items():
+            f = self._indexed[fid]
+            if c >= max(2, n // 20) and f.size <= limit:
+                ranked.append((-(c + bonus.get(f.path, 0)), abs(f.size - size), f.path, f))
+        return min(ranked)[3] if ranked else fallback
 
 
 class _OpWriter:
@@ -410,8 +461,8 @@ class _Encoder:
         self.stats.files += 1
         index = self.index
         maybe_exact = size in index.content_sizes
-        similar = index.similar(name, size)
-        if not maybe_exact and similar is None:
+        by_content = name is not None and _delta_candidate(name) and size >= similar.MIN_SIZE
+        if not maybe_exact and not by_content and index.similar(name, size) is None:
             self.stats.literal += 1
             self._literal(inp.chunks(size))
             return
@@ -427,12 +478,13 @@ class _Encoder:
                 raise
             spool.seek(0)
             exact = index.exact(size, hasher.digest(), name) if hasher is not None else None
-            source = exact or similar
+            source = exact or index.best(name, size, similar.read_prefix(spool))
             if source is None or size <= len(source.path.encode("utf-8")) + 4:
                 self._spool_literal(spool)
             elif exact is not None:
                 self._copy_whole(exact)
             else:
+                spool.seek(0)
                 self._delta(source, spool, size)
 
     def _spool_literal(self, spool: IO[bytes]) -> None:
