@@ -8,9 +8,15 @@ Usage: python bench/delta.py [--mib 120] [--files 3000] [--layers 3] [--changed 
 
 Generates (once, cached in $TMPDIR/cfsd-bench-delta-*) an old image of --layers gzip layers
 (about --mib MiB uncompressed, --files files) and a package-upgrade-like new image whose first
-layer is rebuilt with --changed of its files edited (scattered edits, an insertion), a few
-added and a few dropped; the other layers are unchanged.  The delta (the rebuilt layer as a
-tar-diff made by cfsd's encoder, the others reused) is written as an oci layout and archive.
+layer is rebuilt: --changed of its files are edited the way a rebuild changes them, a few
+added and a few dropped; the other layers are unchanged.  An edited file is
+  * text (half the files): about 3 % of its lines replaced, inserted or deleted;
+  * binary: one block of 0.1-2 % of its size inserted or deleted (code grew or shrank, all
+    that follows moves) and a 4-byte value rewritten about every 1 KiB (the addresses and
+    offsets a relink changes); a file under 4 KiB gets a few such rewrites.
+The delta is made the way a user makes one: both images are pulled into a repository and
+`cfsctl oci create-delta old new DELTA.tar --format vN --name delta` writes it (an
+oci-archive; unpacked, it is also the oci: layout).
 
 Per medium (oci: layout, oci-archive:, docker:// on a loopback docker-registry) into fresh
 repositories that hold the old image, it times:
@@ -43,17 +49,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.benchlib import Cfsd  # noqa: E402
-from cfsd.delta.tardiff_encode import (  # noqa: E402
-    EncodeOptions,
-    OldFile,
-    SourceIndex,
-    encode_tardiff,
-)
 
 WORDS = [bytes(random.Random(i).choices(b"abcdefghijklmnopqrstuvwxyz",
                                         k=random.Random(i).randint(2, 10))) for i in range(2000)]
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-DELTA = "application/vnd.io.github.containers.oci-delta.v1"
 
 
 def sha(data: bytes) -> str:
@@ -71,11 +70,31 @@ def content(rng: random.Random, size: int) -> bytes:
 
 
 def edit(rng: random.Random, data: bytes) -> bytes:
+    """*data* as a rebuild of its package changes it (see the module docstring)."""
+    if data[:64].isascii():
+        lines = data.split(b"\n")
+        for _ in range(max(1, len(lines) * 3 // 100)):
+            i = rng.randrange(len(lines))
+            what = rng.random()
+            new_line = b" ".join(rng.choices(WORDS, k=rng.randint(3, 20)))
+            if what < 0.5:
+                lines[i] = new_line
+            elif what < 0.8:
+                lines.insert(i, new_line)
+            elif len(lines) > 1:
+                del lines[i]
+        return b"\n".join(lines)
     b = bytearray(data)
-    for _ in range(max(1, len(b) // 50_000)):
-        i = rng.randrange(max(1, len(b) - 32))
-        b[i:i + 32] = rng.randbytes(32)
-    b[len(b) // 2:len(b) // 2] = rng.randbytes(256)
+    if len(b) >= 4096:
+        n = max(16, int(len(b) * rng.uniform(0.001, 0.02)))
+        i = rng.randrange(len(b) - n)
+        if rng.random() < 0.6:
+            b[i:i] = rng.randbytes(n)                   # code grew
+        else:
+            del b[i:i + n]                              # code shrank
+    for _ in range(max(3, len(b) // 1024)):
+        i = rng.randrange(max(1, len(b) - 4))
+        b[i:i + 4] = rng.randbytes(4)                   # a relocated address or offset
     return bytes(b)
 
 
@@ -130,7 +149,9 @@ def archive(layout: Path, dest: Path) -> None:
 
 
 def build(cache: Path, mib: int, nfiles: int, nlayers: int, changed: float,
-          version: int) -> dict:
+          version: int, cfsd: Cfsd, work: Path) -> dict:
+    """The old and new images (oci layout and archive) and the delta between them, made by
+    `cfsctl oci create-delta` (cached in *cache* with info.json)."""
     info_path = cache / "info.json"
     if info_path.exists():
         return json.loads(info_path.read_text())
@@ -153,44 +174,30 @@ def build(cache: Path, mib: int, nfiles: int, nlayers: int, changed: float,
     old_tars = [tar_of(x) for x in layers]
     new_tars = [tar_of(new0), *old_tars[1:]]
     images = Layout(cache / "images")
-    old_m, _, old_c = images.image("old", old_tars)
+    images.image("old", old_tars)
     new_m, new_descs, new_c = images.image("new", new_tars)
-    merged = {k: v for layer in layers for k, v in layer.items()}
-    index = SourceIndex(OldFile(p, len(d), hashlib.sha256(d).digest(),
-                                lambda d=d: io.BytesIO(d)) for p, d in merged.items() if d)
-    out = io.BytesIO()
-    t = time.perf_counter()
-    encode_tardiff(io.BytesIO(new_tars[0]), index, out, EncodeOptions(version=version))
-    print(f"  encoded the rebuilt layer in {time.perf_counter() - t:.1f} s", flush=True)
-    dl = Layout(cache / "delta")
-    patch = dl.blob(out.getvalue(), "application/vnd.tar-diff")
-    layers_desc = [
-        {**dl.blob(new_m, MANIFEST), "annotations": {
-            "io.github.containers.delta.content": "image-manifest"}},
-        {**dl.blob(new_c, "application/vnd.oci.image.config.v1+json"), "annotations": {
-            "io.github.containers.delta.content": "image-config"}},
-        {**patch, "annotations": {"io.github.containers.delta.content": "image-layer",
-                                  "io.github.containers.delta.to": new_descs[0]["digest"]}}]
-    dl.blob(b"{}", "application/vnd.oci.empty.v1+json")
-    reused = [d["digest"] for d in new_descs[1:]]
-    delta_m = json.dumps({
-        "schemaVersion": 2, "artifactType": DELTA,
-        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": sha(b"{}"),
-                   "size": 2},
-        "layers": layers_desc,
-        "subject": {"mediaType": MANIFEST, "digest": sha(new_m), "size": len(new_m)},
-        "annotations": {"io.github.containers.delta.target": sha(new_m),
-                        "io.github.containers.delta.source": sha(old_m),
-                        "io.github.containers.delta.source-config": sha(old_c),
-                        "io.github.containers.delta.reused": json.dumps(reused),
-                        "io.github.containers.delta.reused-diff-id": json.dumps(
-                            [sha(t) for t in new_tars[1:]])}},
-        separators=(",", ":"), sort_keys=True).encode()
-    dl.manifest(delta_m, "delta", artifactType=DELTA)
     archive(cache / "images", cache / "images.tar")
-    archive(cache / "delta", cache / "delta.tar")
-    info = {"new_digest": sha(new_m),
-            "delta_bytes": sum(d["size"] for d in layers_desc),
+
+    # the delta, as a user makes it: both images in a repository, then create-delta
+    repo = work / "create"
+    cfsd.run(repo, "init", "--insecure")
+    for tag in ("old", "new"):
+        cfsd.run(repo, "oci", "pull", "-q", f"oci:{cache / 'images'}:{tag}", tag)
+    secs, out = cfsd.timed(repo, "--json", "oci", "create-delta", "old", "new",
+                           str(cache / "delta.tar"), "--format", f"v{version}",
+                           "--name", "delta", "-q")
+    shutil.rmtree(repo)
+    created = json.loads(out)
+    assert created["target"] == sha(new_m), created
+    kinds = [x["kind"] for x in created["layers"]]
+    print(f"  cfsctl oci create-delta: {secs:.1f} s, layers {'/'.join(kinds)}", flush=True)
+    with tarfile.open(cache / "delta.tar") as tf:                 # the same, as a layout
+        tf.extractall(cache / "delta", filter="data")
+    index = json.loads((cache / "delta/index.json").read_text())
+    delta_m = json.loads((cache / "delta/blobs/sha256" /
+                          index["manifests"][0]["digest"][7:]).read_text())
+    info = {"new_digest": sha(new_m), "kinds": kinds, "create_s": secs,
+            "delta_bytes": sum(d["size"] for d in delta_m["layers"]),
             "changed_bytes": new_descs[0]["size"],
             "new_bytes": sum(d["size"] for d in new_descs) + len(new_c),
             "tar_bytes": sum(len(t) for t in new_tars)}
@@ -238,13 +245,13 @@ def main() -> int:
     cache = Path(tempfile.gettempdir()) / (f"cfsd-bench-delta-{a.mib}-{a.files}-{a.layers}-"
                                            f"{a.changed}-v{a.version}")
     cache.mkdir(exist_ok=True)
-    print("preparing images and delta ...", flush=True)
-    info = build(cache, a.mib, a.files, a.layers, a.changed, a.version)
     work = Path(tempfile.mkdtemp(prefix="cfsd-bench-delta-", dir=a.workdir))
     d = Cfsd(work)
     reg = None
     rows = []
     try:
+        print("preparing images and delta ...", flush=True)
+        info = build(cache, a.mib, a.files, a.layers, a.changed, a.version, d, work)
         refs = {"oci": (f"oci:{cache / 'delta'}:delta", f"oci:{cache / 'images'}:new"),
                 "oci-archive": (f"oci-archive:{cache / 'delta.tar'}:delta",
                                 f"oci-archive:{cache / 'images.tar'}:new")}
@@ -280,8 +287,9 @@ def main() -> int:
             shutil.rmtree(cache)
     mb = 1e6
     print(f"images: {info['tar_bytes'] / mb:.0f} MB uncompressed in {a.layers} layers, "
-          f"{a.files} files, {a.changed:.0%} of the first layer's files edited; "
-          f"tar-diff v{a.version}")
+          f"{a.files} files, {a.changed:.0%} of the first layer's files edited")
+    print(f"delta: cfsctl oci create-delta --format v{a.version}, layers "
+          f"{'/'.join(info['kinds'])}, {info['create_s']:.1f} s to create")
     print(f"bytes read: delta {info['delta_bytes'] / mb:.2f} MB  vs  new image "
           f"{info['new_bytes'] / mb:.2f} MB ({info['delta_bytes'] / info['new_bytes']:.1%}), "
           f"changed layer {info['changed_bytes'] / mb:.2f} MB "

@@ -10,6 +10,13 @@ compressed with --files files, then reports in one run:
   * raw limit: ISA-L gunzip + sha256 of compressed and uncompressed bytes, one process;
   * peak RSS (VmHWM) of the cfsd process.
 Targets (issue 3): faster than the peer pipeline, >= 50 % of the raw limit, peak RSS < 300 MB.
+
+Everything either side writes goes to one directory, --workdir (default /dev/shm, a tmpfs,
+so a throttled disk does not dominate; give a directory on disk to measure that): cfsd's
+repository and its temporary files (TMPDIR), skopeo's unpacked copy of the archive
+(`skopeo --tmpdir`, otherwise /var/tmp), its output layout and tar's extraction.  The
+report names the directory and its filesystem type.  The input archive is read by both from
+the cache directory.
 """
 
 from __future__ import annotations
@@ -131,11 +138,25 @@ def raw_limit(archive: Path) -> float:
         return time.perf_counter() - t
 
 
+def filesystem_type(path: Path) -> str:
+    """The type of the filesystem *path* is on (the longest mount point above it)."""
+    best, kind = "", "?"
+    real = os.path.realpath(path)
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        mnt = fields[4].encode().decode("unicode_escape")
+        if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+            best, kind = mnt, fields[fields.index("-") + 1]
+    return kind
+
+
 def peer(archive: Path, work: Path) -> float:
     def run() -> None:
         lay = work / "peer-layout"
-        subprocess.run(["skopeo", "copy", "-q", f"oci-archive:{archive}:bench", f"oci:{lay}"],
-                       check=True)
+        tmp = work / "peer-tmp"          # skopeo unpacks the oci-archive here, not /var/tmp
+        tmp.mkdir()
+        subprocess.run(["skopeo", "--tmpdir", str(tmp), "copy", "-q",
+                        f"oci-archive:{archive}:bench", f"oci:{lay}"], check=True)
         idx = json.loads((lay / "index.json").read_text())
         m = json.loads((lay / "blobs" / idx["manifests"][0]["digest"].replace(":", "/"))
                        .read_text())
@@ -145,15 +166,20 @@ def peer(archive: Path, work: Path) -> float:
             subprocess.run(["tar", "-xzf", str(lay / "blobs" / layer["digest"].replace(":", "/")),
                             "-C", str(out)], check=True)
     t = timed(run)
-    shutil.rmtree(work / "peer-layout")
-    shutil.rmtree(work / "peer-rootfs")
+    leftovers = list((work / "peer-tmp").iterdir())
+    assert not leftovers, f"skopeo left {leftovers} in its --tmpdir"
+    for d in ("peer-layout", "peer-rootfs", "peer-tmp"):
+        shutil.rmtree(work / d)
     return t
 
 
 def ours(archive: Path, work: Path) -> tuple[float, int]:
     sock = work / "cfsd.sock"
+    tmp = work / "cfsd-tmp"
+    tmp.mkdir()
     d = subprocess.Popen([sys.executable, "-m", "cfsd", "--address", f"unix:{sock}",
-                          "--log-level", "error"], cwd=str(ROOT))
+                          "--log-level", "error"], cwd=str(ROOT),
+                         env=dict(os.environ, TMPDIR=str(tmp)))
     try:
         for _ in range(500):
             if sock.exists():
@@ -173,6 +199,7 @@ def ours(archive: Path, work: Path) -> tuple[float, int]:
         d.terminate()
         d.wait()
     shutil.rmtree(work / "repo")
+    shutil.rmtree(tmp)
     return t, hwm * 1024
 
 
@@ -183,8 +210,9 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--keep", action="store_true", help="keep the generated image")
     ap.add_argument("--workdir", default="/dev/shm" if os.path.isdir("/dev/shm") else None,
-                    help="where the repository and the peer's extraction go (the same medium "
-                         "for both; default /dev/shm so a throttled disk does not dominate)")
+                    help="the one directory both sides write to: cfsd's repository and "
+                         "TMPDIR, skopeo's --tmpdir and output, tar's extraction (default "
+                         "/dev/shm, a tmpfs, so a throttled disk does not dominate)")
     a = ap.parse_args()
     for tool in ("skopeo", "tar"):
         if shutil.which(tool) is None:
@@ -196,6 +224,7 @@ def main() -> int:
     archive = build_archive(cache, a.mib, a.files, a.layers)
     size = archive.stat().st_size
     work = Path(tempfile.mkdtemp(prefix="cfsd-bench-work-", dir=a.workdir))
+    medium = f"{work.parent} ({filesystem_type(work)})"
     try:
         t_raw = raw_limit(archive)
         t_peer = peer(archive, work)
@@ -205,10 +234,11 @@ def main() -> int:
         if not a.keep:
             shutil.rmtree(cache)
     mb = size / 1e6
-    print(f"image: {mb:.0f} MB gzip, {a.files} files, {a.layers} layers; output on {work.parent}")
+    print(f"image: {mb:.0f} MB gzip, {a.files} files, {a.layers} layers (read from {cache})")
+    print(f"both sides write to: {medium}")
     print(f"cfsd pull:      {t_ours:6.2f} s  {mb / t_ours:6.0f} MB/s (compressed)")
-    print(f"peer pipeline:  {t_peer:6.2f} s  (skopeo copy + tar -xzf)  ratio cfsd/peer "
-          f"{t_peer / t_ours:.2f}x faster")
+    print(f"peer pipeline:  {t_peer:6.2f} s  (skopeo copy + tar -xzf)  speed cfsd/peer "
+          f"{t_peer / t_ours:.2f}")
     print(f"raw limit:      {t_raw:6.2f} s  (isal gunzip + sha256)     cfsd reaches "
           f"{100 * t_raw / t_ours:.0f} % of it")
     print(f"cfsd peak RSS:  {rss / 1e6:6.0f} MB")

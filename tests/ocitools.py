@@ -58,15 +58,29 @@ class Registry:
                 port = int(m.group(1))
             else:
                 time.sleep(0.01)
-        assert port is not None, (self.dir / "registry.log").read_text()
+        if port is None:
+            self._fail("did not report its port")
         self.host = f"127.0.0.1:{port}"
         self.creds = f"{user}:{password}" if user else None
-        while time.monotonic() < deadline:
+        ready, last = False, "no answer"
+        while not ready and time.monotonic() < deadline and self.proc.poll() is None:
             try:
-                if httpx.get(f"http://{self.host}/v2/").status_code in (200, 401):
-                    break
-            except httpx.TransportError:
+                status = httpx.get(f"http://{self.host}/v2/").status_code
+                ready = status in (200, 401)
+                last = f"HTTP {status}"
+            except httpx.TransportError as e:
+                last = repr(e)
+            if not ready:
                 time.sleep(0.01)
+        if not ready:
+            self._fail(f"is not serving /v2/ on {self.host} ({last})")
+
+    def _fail(self, what: str) -> None:
+        """Stop the registry and fail with its log."""
+        log = (self.dir / "registry.log").read_text(errors="replace")
+        code = self.proc.poll()
+        self.stop()
+        raise AssertionError(f"docker-registry {what} (exit status {code}): {log}")
 
     def auth_config(self) -> str:
         """The ``auth:`` section of the registry configuration (htpasswd with a user)."""

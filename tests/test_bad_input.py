@@ -7,7 +7,6 @@ import hashlib
 import io
 import os
 import tarfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -224,9 +223,7 @@ CASES: dict[str, tuple[Callable[[dict[str, str]], dict | None], str | None]] = {
 def test_bad_input(env: dict[str, str], shared_daemon: Daemon, name: str) -> None:
     case, expected = CASES[name]
     before = tree_listing(Path(env["repo"]))
-    start = time.monotonic()
-    reply = case(env)
-    assert time.monotonic() - start < 30
+    reply = case(env)                      # a hang is a socket timeout, then pytest-timeout
     if expected is None:
         assert reply is None
     else:
@@ -243,17 +240,21 @@ def test_bad_input(env: dict[str, str], shared_daemon: Daemon, name: str) -> Non
 
 
 def test_oversized_message_is_refused(shared_daemon: Daemon) -> None:
+    """A request growing past the 1 MiB limit without its NUL: a typed error, then the
+    daemon closes the connection (unread bytes are dropped, the reply still arrives)."""
     c = Raw(shared_daemon.sock)
-    chunk = b"x" * (1 << 20)
+    c.send_raw(b"x" * (20 << 20))          # tolerates the daemon closing before the end
+    assert c.recv() == {"error": "org.varlink.service.InvalidParameter",
+                        "parameters": {"parameter": "message exceeds the size limit"}}
     try:
-        for _ in range(20):
-            c.send_raw(chunk)
-    except (BrokenPipeError, ConnectionResetError):
+        assert c.recv() is None
+    except ConnectionResetError:           # closed with our bytes unread: also a close
         pass
-    reply = c.recv()
-    assert reply is None or reply["error"] == "org.varlink.service.InvalidParameter"
     c.close()
     assert shared_daemon.alive()
+    c = Raw(shared_daemon.sock)
+    assert c.call("org.varlink.service.GetInfo")["parameters"]["product"] == "cfsd"
+    c.close()
 
 
 def test_cli_one_line_errors(shared_daemon: Daemon, env: dict[str, str], tmp_path: Path) -> None:

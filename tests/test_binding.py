@@ -6,7 +6,6 @@ import json
 import os
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -92,7 +91,8 @@ def conn() -> Iterator[Any]:
 
     yield Raw()
     a.close()
-    t.join(5)
+    t.join(30)
+    assert not t.is_alive(), "serve_connection did not return after the client closed"
 
 
 def test_streaming_sets_continues(conn: Any) -> None:
@@ -151,11 +151,13 @@ def test_fds_in_both_directions(conn: Any) -> None:
     assert reply == {"parameters": {"data": "to the daemon"}}
 
 
-def test_large_requests_are_read_in_linear_time(conn: Any) -> None:
-    start = time.monotonic()
-    reply = conn.call("org.example.test.Echo", {"text": "x" * (1000 << 10)})[0]
-    assert len(reply["parameters"]["text"]) == 1000 << 10
-    assert time.monotonic() - start < 5
+def test_large_requests_are_read_whole(conn: Any) -> None:
+    """A request just under the 1 MiB limit, arriving in many reads, is answered in full
+    (how fast is bench/varlink.py's question; a hang is pytest-timeout's)."""
+    text = "".join(chr(0x61 + i % 26) for i in range(1000 << 10))
+    assert conn.call("org.example.test.Echo", {"text": text}) == [{"parameters": {"text": text}}]
+    assert conn.call("org.example.test.Echo", {"text": "after"}) == [
+        {"parameters": {"text": "after"}}]
 
 
 def test_introspection(conn: Any) -> None:

@@ -599,10 +599,8 @@ def test_readme_says_how_to_get_cfsctl_and_what_keep_does() -> None:
 
 
 def test_ci_run_says_usage_before_installing() -> None:
-    t0 = time.monotonic()
     p = subprocess.run(["bash", str(ROOT / ".ci" / "run"), "foo"], capture_output=True,
                        timeout=60)
-    assert p.returncode == 2 and p.stdout == b""
+    assert p.returncode == 2 and p.stdout == b""        # nothing installed, nothing said
     assert p.stderr.decode().startswith("usage: .ci/run [test|demo]")
-    assert time.monotonic() - t0 < 10
     assert "man-db" in (ROOT / ".ci" / "run").read_text()

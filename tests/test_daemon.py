@@ -39,15 +39,15 @@ def test_bound_socket_info(daemon: Daemon) -> None:
 
 def test_sigterm_shuts_down_cleanly_with_idle_client(daemon: Daemon) -> None:
     idle = Raw(daemon.sock)
-    start = time.monotonic()
+    # exit status 0: it exited on SIGTERM itself (stop() kills it, -9, if it does not)
     assert daemon.stop() == 0
-    assert time.monotonic() - start < 5
     assert not os.path.exists(daemon.sock)
     idle.close()
     log = daemon.log.read_text().splitlines()
-    assert log[0] == f"<6>cfsd: listening on {daemon.address}"
-    assert log[-1] == "<6>cfsd: stopped"
-    assert all(line[:3] in {"<3>", "<4>", "<6>", "<7>"} for line in log)
+    # stderr is a file here, not journald's stream: plain "name: message" lines
+    assert log[0] == f"cfsd: listening on {daemon.address}"
+    assert log[-1] == "cfsd: stopped"
+    assert not [line for line in log if line.startswith("<")], log
 
 
 @pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
@@ -206,23 +206,31 @@ def test_concurrent_clients(daemon: Daemon, tmp_path: Path) -> None:
     repo = str(tmp_path / "r")
     run_cfsctl("--repo", repo, "init", "--insecure", address=daemon.address)
     errors: list[str] = []
+    done: list[int] = []
 
-    def worker() -> None:
-        c = Raw(daemon.sock)
-        h = c.call("org.composefs.Repository.OpenRepository", {"path": repo})
-        for _ in range(50):
-            r = c.call("org.composefs.Repository.Fsck", {"handle": h["parameters"]["handle"],
-                                                         "metadata_only": True})
-            if "error" in r:
-                errors.append(str(r))
-        c.close()
+    def worker(i: int) -> None:
+        try:
+            c = Raw(daemon.sock)
+            h = c.call("org.composefs.Repository.OpenRepository", {"path": repo})
+            assert h is not None and "parameters" in h, h
+            for _ in range(50):
+                r = c.call("org.composefs.Repository.Fsck",
+                           {"handle": h["parameters"]["handle"], "metadata_only": True})
+                if r is None or "error" in r:
+                    errors.append(f"worker {i}: {r}")
+            c.close()
+            done.append(i)
+        except BaseException as e:  # noqa: BLE001 - a dying thread must fail the test
+            errors.append(f"worker {i}: {e!r}")
 
-    threads = [threading.Thread(target=worker) for _ in range(8)]
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(60)
+        t.join(120)
+    assert not [t for t in threads if t.is_alive()], "a worker is stuck"
     assert not errors
+    assert sorted(done) == list(range(8))
 
 
 def test_varlink_pull_without_name_does_not_tag(daemon: Daemon, tmp_path: Path) -> None:

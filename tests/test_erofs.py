@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import struct
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -40,7 +39,7 @@ from cfsd.core.tree import (
     Stat,
     Symlink,
 )
-from tests.conftest import CONFORMANCE, FSCK_EROFS, fsck_erofs, needs_conformance
+from tests.conftest import CONFORMANCE, fsck_erofs, needs_conformance
 
 ASSETS = CONFORMANCE / "assets"
 DERIVED = CONFORMANCE / "derived"
@@ -53,6 +52,16 @@ def sha256(b: bytes) -> str:
 
 def verity(b: bytes) -> str:
     return fsverity_digest(b, "sha256").hex()
+
+
+def without_nsec(dump: bytes) -> bytes:
+    """*dump* with every mtime's nanoseconds (field 8, ``SEC.NSEC``) set to 0."""
+    lines = []
+    for line in dump.splitlines(keepends=True):
+        fields = line.split(b" ")
+        fields[7] = fields[7].split(b".")[0] + b".0"
+        lines.append(b" ".join(fields))
+    return b"".join(lines)
 
 
 def load_asset(name: str) -> FileSystem:
@@ -337,11 +346,16 @@ def test_hardlinks_and_whiteouts():
     fs.root.entries[b"b"] = leaf
     d1.entries[b"x"] = leaf
     d1.entries[b".wh"] = fs.push_leaf(Stat(0o600), CharacterDevice(0))
+    dump = write_dumpfile(fs)
+    # V2 stores every mtime_nsec as 0 (docs/images.md, "extended inode mtime_nsec"): the
+    # root's 10.5 comes back as 10.0 and nothing else changes
+    v2_dump = without_nsec(dump)
+    assert v2_dump != dump and v2_dump == dump.replace(b" 10.5 ", b" 10.0 ", 1)
     for v in (0, 1, 2):
         img = write_image(fs, v)
         fsck_erofs(img)
         back = erofs_to_filesystem(img)
-        assert write_dumpfile(back) == write_dumpfile(fs) or v == 2
+        assert write_dumpfile(back) == (v2_dump if v == 2 else dump), v
         assert write_image(back, v) == img
     hl = FileSystem(Stat(0o755))
     w = hl.push_leaf(Stat(), CharacterDevice(0))
@@ -407,8 +421,8 @@ def test_big_directories_and_inline_boundaries():
         assert c_build(parse_dumpfile_c(dump_image_c(img), strict=True), (v, v)) == img
 
 
-def test_build_speed():
-    """A 20k-entry tree must build quickly (the full benchmark is elsewhere)."""
+def test_builds_a_20k_entry_tree():
+    """A 20k-entry tree builds and reads back whole (its speed is bench/image.py's)."""
     fs = FileSystem(Stat(0o755, 0, 0, 1_700_000_000, 0))
     for d in range(200):
         dd = fs.root.entries[b"d%03d" % d] = Directory(Stat(0o755, 0, 0, 1_700_000_000, 0))
@@ -417,10 +431,9 @@ def test_build_speed():
                        if f % 3 else Inline(b"x" * (f % 64)))
             dd.entries[b"file%04d.txt" % f] = fs.push_leaf(
                 Stat(0o644, 0, 0, 1_700_000_000 + f % 3, 0), content)
-    t = time.perf_counter()
     img = write_image(fs, 1)
-    assert time.perf_counter() - t < 10
-    assert collect_objects(img) and len(img) > 0
+    assert len(collect_objects(img)) == 200 * 66
+    assert write_dumpfile(erofs_to_filesystem(img)) == write_dumpfile(fs)
 
 
 # --------------------------------------------------------------------------- reader validation
@@ -755,7 +768,6 @@ def test_v2_reader_limits():
 
 
 @needs_conformance
-@pytest.mark.skipif(FSCK_EROFS is None, reason="fsck.erofs is not installed")
 @pytest.mark.parametrize("row", ASSET_GOLDEN, ids=lambda r: r[0])
 def test_fsck_erofs_accepts_asset_images(row):
     fs = load_asset(row[0])
@@ -765,7 +777,6 @@ def test_fsck_erofs_accepts_asset_images(row):
         fsck_erofs(write_image(fs, v))
 
 
-@pytest.mark.skipif(FSCK_EROFS is None, reason="fsck.erofs is not installed")
 def test_fsck_erofs_is_available_and_rejects_garbage():
     img = bytearray(write_image(rs_tree("simple"), 1))
     img[1024:1028] = b"\0\0\0\0"

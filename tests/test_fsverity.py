@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -61,18 +63,39 @@ def test_matches_fsverity_cli(tmp_path: Path, size: int, alg: str) -> None:
 
 @needs_cli
 @pytest.mark.parametrize("alg", ["sha256", "sha512"])
-def test_large_file_parallel(tmp_path: Path, alg: str) -> None:
-    """A file over 256 MiB goes through the process pool and still matches the C tool."""
+def test_large_file_parallel(tmp_path: Path, alg: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file over PARALLEL_THRESHOLD is hashed by the worker pool (not the serial fallback)
+    and matches the C tool; parallel=False hashes it without the pool, with the same result."""
     p = tmp_path / "big"
     block = os.urandom(1 << 20)
     with open(p, "wb") as f:
-        for i in range(257):
+        for i in range(fsverity.PARALLEL_THRESHOLD >> 20):
             f.write(i.to_bytes(8, "little") + block[8:])
-        f.write(b"tail")
-    assert p.stat().st_size > 256 << 20
+        f.write(b"tail")                      # not a multiple of the block size
+    assert p.stat().st_size > fsverity.PARALLEL_THRESHOLD
     expected = cli_digest(p, alg)
-    assert fsverity.digest_path(p, alg).hex() == expected
-    assert fsverity.digest_path(p, alg, parallel=False).hex() == expected
+
+    runs: list[int] = []                      # jobs of each pool run that returned
+    real_run = fsverity._Workers.run
+
+    def counting_run(self: fsverity._Workers, jobs: list[tuple[str, int, int, str]]
+                     ) -> list[bytes]:
+        out = real_run(self, jobs)
+        runs.append(len(jobs))
+        return out
+
+    monkeypatch.setattr(fsverity._Workers, "run", counting_run)
+    monkeypatch.setattr(fsverity, "_pool_broken", False)   # whatever an earlier test left
+    fsverity.shutdown_pool()                              # start the workers afresh
+    try:
+        assert fsverity.digest_path(p, alg).hex() == expected
+        assert len(runs) == 1 and runs[0] > 1, runs          # the pool hashed it, in parts
+        assert fsverity._pool is not None and fsverity._pool.started
+        assert fsverity._pool_broken is False
+        assert fsverity.digest_path(p, alg, parallel=False).hex() == expected
+        assert len(runs) == 1                                # serially: no pool run
+    finally:
+        fsverity.shutdown_pool()
 
 
 @settings(max_examples=60, deadline=None)
@@ -106,17 +129,82 @@ def test_object_paths() -> None:
         fsverity.parse_object_path("00" + d[1:].hex(), "sha256")
 
 
-def test_kernel_ioctls_fall_back(tmp_path: Path) -> None:
-    """On a filesystem without fs-verity, enable reports False and measure None."""
-    p = tmp_path / "f"
+def test_kernel_ioctls_without_fsverity_support() -> None:
+    """tmpfs has no fs-verity: enable reports False and measure None."""
+    with tempfile.NamedTemporaryFile(dir="/dev/shm") as f:
+        assert filesystem_type(f.name) == "tmpfs"
+        f.write(b"x" * 5000)
+        f.flush()
+        fd = os.open(f.name, os.O_RDONLY)
+        try:
+            assert fsverity.enable_verity(fd, "sha256") is False
+            assert fsverity.measure_verity(fd, "sha256") is None
+        finally:
+            os.close(fd)
+
+
+@pytest.fixture
+def verity_fs(tmp_path: Path) -> Iterator[tuple[Path, bool]]:
+    """A loop-mounted ext4 with the verity feature, and whether the kernel has fs-verity."""
+    if FSVERITY is None:
+        pytest.skip("fsverity (fsverity-utils) not installed")
+    if os.geteuid() != 0:
+        pytest.skip("mounting a loop device needs root")
+    if not Path("/dev/loop-control").exists():
+        pytest.skip("no loop devices here")
+    img, mnt = tmp_path / "ext4.img", tmp_path / "mnt"
+    with open(img, "wb") as f:
+        f.truncate(32 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-O", "verity", str(img)], check=True,
+                   capture_output=True)
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], check=True,
+                   capture_output=True)
+    try:
+        # the kernel decides (CONFIG_FS_VERITY): asked through the C tool, not cfsd
+        probe = mnt / "probe"
+        probe.write_bytes(b"probe")
+        r = subprocess.run([FSVERITY, "enable", str(probe)], capture_output=True)
+        if r.returncode != 0:
+            assert b"Operation not supported" in r.stderr, r.stderr
+        yield mnt, r.returncode == 0
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_kernel_ioctls_on_fsverity_filesystem(verity_fs: tuple[Path, bool]) -> None:
+    """On ext4 with the verity feature the kernel enables verity and measures what
+    userspace computes; a second enable is accepted; another algorithm is refused.  A
+    kernel without fs-verity (as the C tool reports) is told apart cleanly: enabling says
+    "unsupported" instead of raising, and nothing is measured."""
+    mnt, kernel_has_verity = verity_fs
+    p = mnt / "f"
     p.write_bytes(b"x" * 5000)
     fd = os.open(p, os.O_RDONLY)
     try:
-        enabled = fsverity.enable_verity(fd, "sha256")
-        measured = fsverity.measure_verity(fd, "sha256")
-        if enabled:  # a verity-capable filesystem: the kernel must agree with us
-            assert measured == fsverity.digest(b"x" * 5000)
-        else:
-            assert measured is None
+        assert fsverity.measure_verity(fd, "sha256") is None          # not enabled yet
+        if not kernel_has_verity:
+            assert fsverity.enable_verity(fd, "sha256") is False
+            assert fsverity.measure_verity(fd, "sha256") is None
+            return
+        assert fsverity.enable_verity(fd, "sha256") is True
+        assert fsverity.measure_verity(fd, "sha256") == fsverity.digest(b"x" * 5000)
+        assert fsverity.enable_verity(fd, "sha256") is True           # EEXIST
+        with pytest.raises(OSError, match="another algorithm"):
+            fsverity.measure_verity(fd, "sha512")
     finally:
         os.close(fd)
+
+
+def filesystem_type(path: str) -> str:
+    """The type of the filesystem *path* is on (from /proc/self/mountinfo)."""
+    best, kind = "", ""
+    real = os.path.realpath(path)
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        mount_point = fields[4].encode().decode("unicode_escape")
+        fstype = fields[fields.index("-") + 1]
+        if (real == mount_point or real.startswith(mount_point.rstrip("/") + "/")) \
+                and len(mount_point) >= len(best):
+            best, kind = mount_point, fstype
+    return kind

@@ -96,9 +96,10 @@ def test_cli_gc_dry_run_then_real(daemon: Daemon, tmp_path: Path) -> None:
                input=tar)
     snap = tree_listing(Path(repo))
     out = run_cfsctl("--repo", repo, "gc", "--dry-run", address=daemon.address)
-    assert out.stdout.decode() == ("Dry run (no files deleted):\nObjects: 3 removed "
-                                   f"({_sizes(Path(repo))} bytes)\n"
-                                   "Pruned symlinks: 0 images, 1 streams\n")
+    assert out.stdout.decode() == (
+        "Dry run (no files deleted):\n"
+        f"Objects: 3 would be removed ({_sizes(Path(repo))} bytes)\n"
+        "Symlinks that would be pruned: 0 images, 1 streams\n")
     assert tree_listing(Path(repo)) == snap
     out = run_cfsctl("--repo", repo, "gc", address=daemon.address)
     assert out.stdout.decode().startswith("Objects: 3 removed")

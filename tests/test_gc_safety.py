@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -23,8 +22,23 @@ from cfsd.core.repository import Repository
 from tests.conftest import Daemon, run_cfsctl
 from tests.ocitools import build_image
 
-GC_SCRIPT = ("import sys; from cfsd.core.repository import Repository; "
-             "from cfsd.core.gc import gc; gc(Repository.open(sys.argv[1], insecure=True))")
+# gc in a child that SIGKILLs itself just before its k-th unlink (argv[2]; 0: never) and
+# prints how many unlinks it made: every interruption point is chosen, none is left to timing.
+GC_SCRIPT = """
+import os, signal, sys
+from cfsd.core.gc import gc
+from cfsd.core.repository import Repository
+stop, count, real_unlink = int(sys.argv[2]), 0, os.unlink
+def unlink(*args, **kw):
+    global count
+    count += 1
+    if count == stop:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_unlink(*args, **kw)
+os.unlink = unlink
+gc(Repository.open(sys.argv[1], insecure=True))
+print(count)
+"""
 
 
 def count_objects(repo: Path) -> int:
@@ -48,32 +62,34 @@ def garbage_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return repo, layout
 
 
-def _gc_seconds(repo: Path, scratch: Path) -> float:
-    copy = scratch / "timing"
+def _gc_unlinks(repo: Path, scratch: Path) -> int:
+    """How many unlinks a whole gc of *repo* makes (on a copy)."""
+    copy = scratch / "count"
     shutil.copytree(repo, copy, symlinks=True)
-    t = time.monotonic()
-    subprocess.run([sys.executable, "-c", GC_SCRIPT, str(copy)], check=True)
-    return time.monotonic() - t
+    out = subprocess.run([sys.executable, "-c", GC_SCRIPT, str(copy), "0"], check=True,
+                         capture_output=True).stdout
+    shutil.rmtree(copy)
+    return int(out)
 
 
 def test_sigkill_during_gc_never_loses_data(garbage_repo: tuple[Path, Path],
                                            tmp_path: Path, shared_daemon: Daemon) -> None:
     repo, layout = garbage_repo
     before = count_objects(repo)
-    total = _gc_seconds(repo, tmp_path)
-    rng = random.Random(20261208)
-    interrupted = 0
-    for run in range(20):
+    total = _gc_unlinks(repo, tmp_path)
+    assert total > 1500                   # the junk image's objects, its streams and names
+    # 20 points from before the first unlink (names pruned, nothing else) to the last
+    stops = sorted({1 + round(i * (total - 1) / 19) for i in range(20)})
+    assert len(stops) == 20
+    for run, stop in enumerate(stops):
         copy = tmp_path / f"run{run}"
         shutil.copytree(repo, copy, symlinks=True)
-        proc = subprocess.Popen([sys.executable, "-c", GC_SCRIPT, str(copy)])
-        time.sleep(rng.uniform(0.0, total))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        interrupted += proc.returncode == -signal.SIGKILL
+        proc = subprocess.run([sys.executable, "-c", GC_SCRIPT, str(copy), str(stop)],
+                              capture_output=True)
+        assert proc.returncode == -signal.SIGKILL, (stop, proc.stderr.decode())
         with Repository.open(str(copy), insecure=True) as r:
             res = fsck(r)
-        assert res.ok, (run, res.errors[:5])
+        assert res.ok, (run, stop, res.errors[:5])
         # every image still usable: the kept one mounts, both pull again (no "object missing")
         address = shared_daemon.address
         run_cfsctl("--repo", str(copy), "--insecure", "oci", "pull", f"oci:{layout}:keep",
@@ -92,7 +108,6 @@ def test_sigkill_during_gc_never_loses_data(garbage_repo: tuple[Path, Path],
         with Repository.open(str(copy), insecure=True) as r:
             assert fsck(r).ok
         shutil.rmtree(copy)
-    assert interrupted >= 10, f"only {interrupted} of 20 gc runs were interrupted"
     assert count_objects(repo) == before
 
 
@@ -119,38 +134,67 @@ def test_damaged_layout_makes_gc_refuse(garbage_repo: tuple[Path, Path],
     assert count_objects(copy) == before
 
 
+class Staged(threading.Condition):
+    """The lock's condition, holding the writer in its wait until the late reader waits too,
+    so the writer's timeout always comes with a reader queued behind it."""
+
+    def __init__(self, writer: str, reader: str) -> None:
+        super().__init__()
+        self.writer, self.reader = writer, reader
+        self.writer_waiting = threading.Event()
+        self.reader_waiting = False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        name = threading.current_thread().name
+        if name == self.reader and not self.reader_waiting:
+            self.reader_waiting = True
+            self.notify_all()
+        elif name == self.writer:
+            self.writer_waiting.set()
+            while not self.reader_waiting:
+                super().wait(60)
+        return super().wait(timeout)
+
+
 def test_writer_timeout_wakes_the_readers_behind_it() -> None:
     """A reader that stalls makes gc give up; readers that queued behind gc go on at once
     instead of waiting for the stalled reader (no lost wakeup)."""
     lock = RWLock()
+    lock._cond = cond = Staged("writer", "late reader")
     stalled = threading.Event()
     release = threading.Event()
-    got: list[float] = []
+    got: list[str] = []
+    timed_out: list[bool] = []
 
     def stall() -> None:
         with lock.shared():
             stalled.set()
-            release.wait(30)
+            release.wait(60)
 
     def writer() -> None:
-        with pytest.raises(TimeoutError), lock.exclusive(timeout=0.5):
-            pass
+        try:
+            with lock.exclusive(timeout=0.5):
+                got.append("writer")
+        except TimeoutError:
+            timed_out.append(True)
 
     def late_reader() -> None:
         with lock.shared():
-            got.append(time.monotonic())
+            got.append("reader")
 
-    threads = [threading.Thread(target=stall)]
-    threads[0].start()
-    stalled.wait(5)
-    w = threading.Thread(target=writer)
+    s = threading.Thread(target=stall)
+    s.start()
+    assert stalled.wait(60)
+    w = threading.Thread(target=writer, name="writer")
     w.start()
-    time.sleep(0.1)                       # the writer is waiting now
-    r = threading.Thread(target=late_reader)
-    r.start()
-    w.join(10)
-    r.join(5)
-    done = bool(got)
+    assert cond.writer_waiting.wait(60)              # the writer waits for the stalled one
+    r = threading.Thread(target=late_reader, name="late reader")
+    r.start()                                        # queued behind the writer
+    w.join(60)
+    r.join(60)                                       # the stalled reader still holds it
+    done = not r.is_alive()
     release.set()
-    threads[0].join(10)
-    assert done, "the reader queued behind the timed-out writer is still waiting"
+    s.join(60)
+    assert timed_out == [True] and not w.is_alive()
+    assert done and got == ["reader"], "the reader queued behind the timed-out writer " \
+                                       "is still waiting"

@@ -7,13 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon, run_cfsctl, tree_listing
+from tests.conftest import Daemon, fsck_erofs, run_cfsctl, tree_listing
 from tests.otheruser import NOBODY, as_nobody, other_user_marks
 
 HEX = set("0123456789abcdef")
@@ -51,16 +50,6 @@ def v2_repo(daemon: Daemon, path: Path, *extra: str) -> str:
     return str(path)
 
 
-def fsck_erofs(data: bytes, tmp: Path) -> None:
-    tool = shutil.which("fsck.erofs")
-    if tool is None:
-        return
-    img = tmp / "fsck.img"
-    img.write_bytes(data)
-    p = subprocess.run([tool, "--extract", str(img)], capture_output=True)
-    assert p.returncode == 0, p.stderr
-
-
 def listing(repo: Path | str) -> dict[str, tuple[int, int, str]]:
     """tree_listing without the objects/ directory itself (created lazily, empty is fine)."""
     return {k: v for k, v in tree_listing(Path(repo)).items() if k != "objects"}
@@ -81,7 +70,7 @@ def test_create_image_twice_and_list_objects(shared_daemon: Daemon, tmp_path: Pa
     assert len(objects) == 1 and objects[0].startswith("sha512:")
     assert object_file(repo, objects[0][7:]).read_bytes() == b"x" * 128 * 1024
     assert os.readlink(Path(repo, "images/refs/my-image")) == f"../{id1[7:]}"
-    fsck_erofs(object_file(repo, id1[7:]).read_bytes(), tmp_path)
+    fsck_erofs(object_file(repo, id1[7:]), extract=True)
     report = json.loads(out(shared_daemon, "--repo", repo, "fsck", "--json"))
     assert report["ok"] and report["images_checked"] == 1 and report["objects_checked"] == 2
 
@@ -89,12 +78,24 @@ def test_create_image_twice_and_list_objects(shared_daemon: Daemon, tmp_path: Pa
 def test_gc_after_create_image(shared_daemon: Daemon, tmp_path: Path, rootfs: Path) -> None:
     repo = v2_repo(shared_daemon, tmp_path / "repo")
     out(shared_daemon, "--insecure", "--repo", repo, "create-image", str(rootfs), "my-image")
-    dry = out(shared_daemon, "--insecure", "--repo", repo, "gc", "--dry-run")
-    assert "Dry run" in dry
+    assert out(shared_daemon, "--insecure", "--repo", repo, "gc", "--dry-run").startswith(
+        "Dry run")
+    dry = json.loads(out(shared_daemon, "--insecure", "--json", "--repo", repo, "gc",
+                         "--dry-run"))
+    assert dry["dry_run"] is True and dry["result"]["objects_removed"] == 0, dry  # tagged
     assert out(shared_daemon, "--repo", repo, "image-objects", "refs/my-image").strip()
     repo2 = v2_repo(shared_daemon, tmp_path / "repo2")
-    out(shared_daemon, "--insecure", "--repo", repo2, "create-image", str(rootfs))
-    assert "removed" in out(shared_daemon, "--insecure", "--repo", repo2, "gc")
+    image = out(shared_daemon, "--insecure", "--repo", repo2, "create-image", str(rootfs))
+    hello = out(shared_daemon, "--repo", repo2, "image-objects", image.strip()[7:]).split()
+    assert len(hello) == 1
+    # untagged: the image and usr/bin/hello (the two small files are inline) both go
+    gc = json.loads(out(shared_daemon, "--insecure", "--json", "--repo", repo2, "gc"))
+    assert gc["dry_run"] is False
+    assert gc["result"]["objects_removed"] == 2 and gc["result"]["images_pruned"] == 1, gc
+    assert not object_file(repo2, image.strip()[7:]).exists()
+    assert not object_file(repo2, hello[0][7:]).exists()
+    again = json.loads(out(shared_daemon, "--insecure", "--json", "--repo", repo2, "gc"))
+    assert again["result"]["objects_removed"] == 0, again
 
 
 def test_dump_files(shared_daemon: Daemon, tmp_path: Path, rootfs: Path) -> None:
@@ -173,7 +174,7 @@ def test_hash_and_erofs_versions(shared_daemon: Daemon, tmp_path: Path,
     for version in ("0", "1", "2"):
         i = out(shared_daemon, "--erofs-version", version, "--repo", v1repo, "create-image",
                 str(rootfs)).strip()
-        fsck_erofs(object_file(v1repo, i[7:]).read_bytes(), tmp_path)
+        fsck_erofs(object_file(v1repo, i[7:]), extract=True)
 
 
 def test_all_format_versions_committed(shared_daemon: Daemon, tmp_path: Path,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import os
 import pty
-import shutil
 import stat
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from cfsd.core import fsverity
-from tests.conftest import ROOT, Daemon, conformance_dir, run_cfsctl
+from tests.conftest import ROOT, Daemon, conformance_dir, fsck_erofs, run_cfsctl
 from tests.otheruser import NOBODY, as_nobody, other_user_marks
 
 COMPOSEFS_MAGIC = bytes.fromhex("d078629a")[::-1]   # 0xd078629a little-endian
@@ -49,16 +48,6 @@ GOLDEN_IMAGE_SHA256 = "70a79b70ef191700160248b61f5db2e68780c0022c98be07dd3eb7b9e
 def mk(daemon: Daemon, *args: str, check: bool = True, **kw: object
        ) -> subprocess.CompletedProcess[bytes]:
     return run_cfsctl("mkcomposefs", *args, address=daemon.address, check=check, **kw)  # type: ignore[arg-type]
-
-
-def fsck_erofs(img: Path, extract: bool = True) -> None:
-    """fsck.erofs accepts the image (and with *extract*, decodes every file's layout)."""
-    tool = shutil.which("fsck.erofs")
-    if tool is None:
-        return
-    p = subprocess.run([tool, *(["--extract"] if extract else []), str(img)],
-                       capture_output=True)
-    assert p.returncode == 0, (img, p.stderr)
 
 
 def rootfs(parent: Path) -> Path:
@@ -108,7 +97,7 @@ def test_golden_directory_digests(shared_daemon: Daemon, golden_tree: Path,
     assert hashlib.sha256(data).hexdigest() == GOLDEN_IMAGE_SHA256
     assert fsverity.digest(data, "sha256").hex() == GOLDEN_DIGEST
     assert abs(len(data) - 1_980_000) < 10_000
-    fsck_erofs(img)
+    fsck_erofs(img, extract=True)
     epoch = tmp_path / "epoch"
     p = mk(shared_daemon, "--use-epoch", "--print-digest", str(golden_tree), str(epoch))
     assert p.stdout.decode() == GOLDEN_EPOCH_DIGEST + "\n"
@@ -189,7 +178,7 @@ def test_upstream_mkcomposefs_tests(shared_daemon: Daemon, tmp_path: Path) -> No
     mk(shared_daemon, "--use-epoch", str(root), str(cfs))
     data = cfs.read_bytes()
     assert data[:4] == COMPOSEFS_MAGIC and data[0x400:0x404] == EROFS_MAGIC
-    fsck_erofs(cfs)
+    fsck_erofs(cfs, extract=True)
     digest = mk(shared_daemon, "--use-epoch", "--print-digest-only", str(root)).stdout
     assert digest.decode().strip() == fsverity.digest(data, "sha256").hex()
     cfs2 = tmp_path / "out2.cfs"
@@ -207,7 +196,7 @@ def test_upstream_mkcomposefs_tests(shared_daemon: Daemon, tmp_path: Path) -> No
     assert no_hl.read_bytes() != with_hl.read_bytes()
     assert no_hl.read_bytes() == no_hl2.read_bytes()
     for img in (no_hl, with_hl):
-        fsck_erofs(img)
+        fsck_erofs(img, extract=True)
 
 
 def test_options(shared_daemon: Daemon, tmp_path: Path) -> None:

@@ -172,10 +172,16 @@ def test_basic_auth(shared_daemon: Daemon, images: dict[str, Any], repo: str,
         reg.push(f"oci:{images['layout']}:v1", "private:v1")
         src = f"docker://{reg.host}/private:v1"
         p = cfs(shared_daemon, repo, "oci", "pull", "--tls-verify=false", src, check=False)
-        assert p.returncode == 1 and "requires credentials" in p.stderr.decode()
-        p = cfs(shared_daemon, repo, "oci", "pull", "--tls-verify=false", "--creds",
-                "alice:wrong", src, check=False)
-        assert p.returncode == 1
+        err = p.stderr.decode()
+        assert p.returncode == 1 and err.count("\n") == 1, err
+        assert f"registry {reg.host} requires credentials" in err, err
+        for creds in ("alice:wrong", "bob:s3cret"):     # wrong password, unknown user
+            p = cfs(shared_daemon, repo, "oci", "pull", "--tls-verify=false", "--creds", creds,
+                    src, check=False)
+            err = p.stderr.decode()
+            assert p.returncode == 1 and err.count("\n") == 1, (creds, err)
+            assert f"{reg.host}: access to private denied (401)" in err, (creds, err)
+        assert not Path(repo, "streams/refs").exists()      # nothing pulled, nothing tagged
         assert pull(shared_daemon, repo, src, "--tls-verify=false", "--creds", "alice:s3cret")
         import base64
         authfile = tmp_path / "auth.json"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
+import random
 import shutil
 import subprocess
 import tarfile
@@ -122,18 +124,71 @@ def test_gnu_tar_record_padding(shared_daemon: Daemon, repo: str, tmp_path: Path
     assert back == data
 
 
-def test_fsck_clean_after_imports(shared_daemon: Daemon, repo: str) -> None:
-    out = run_cfsctl("--repo", repo, "fsck", address=shared_daemon.address)
+def _member(tf: tarfile.TarFile, name: str, data: bytes = b"", mtime: int = 0,
+            **attrs: object) -> None:
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mtime = len(data), mtime
+    for k, v in attrs.items():
+        setattr(ti, k, v)
+    tf.addfile(ti, io.BytesIO(data) if data else None)
+
+
+def fixed_tars() -> list[bytes]:
+    """Three layers made by tarfile, the same every run: files on both sides of the
+    64-byte inline limit, one file in all three layers, a hardlink, a long symlink, a
+    device, PAX xattrs."""
+    r = random.Random(1234)
+    shared = r.randbytes(100_000)
+    tars = []
+    for n in range(3):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+            t = 1_700_000_000 + n
+            _member(tf, "usr/lib", mtime=t, type=tarfile.DIRTYPE)
+            for size in (0, 1, 64, 65, 4096, 70_000 + n, 300_000):
+                _member(tf, f"usr/lib/f{size}-{n}", r.randbytes(size), t)
+            _member(tf, "usr/lib/shared", shared, t)
+            _member(tf, "usr/lib/hard", b"", t, type=tarfile.LNKTYPE,
+                    linkname="usr/lib/shared")
+            _member(tf, "usr/lib/" + "l" * 150, b"", t, type=tarfile.SYMTYPE,
+                    linkname="t" * 200)
+            _member(tf, "usr/lib/dev", b"", t, type=tarfile.CHRTYPE, devmajor=1, devminor=3)
+            _member(tf, "usr/lib/xattrs", r.randbytes(5000), t,
+                    pax_headers={"SCHILY.xattr.user.test": f"layer {n}"})
+        tars.append(buf.getvalue())
+    return tars
+
+
+@pytest.fixture
+def imported(shared_daemon: Daemon, tmp_path: Path) -> str:
+    """A repository of its own with fixed_tars() imported (no other test's leftovers)."""
+    path = str(tmp_path / "repo")
+    run_cfsctl("--repo", path, "init", "--insecure", "--algorithm", "fsverity-sha256-12",
+               address=shared_daemon.address)
+    for tar in fixed_tars():
+        _, back = import_and_cat(shared_daemon, path, tar)
+        assert back == tar
+    return path
+
+
+def test_fsck_clean_after_imports(shared_daemon: Daemon, imported: str) -> None:
+    out = run_cfsctl("--repo", imported, "fsck", address=shared_daemon.address)
     assert out.stdout.decode().endswith("status: ok\n")
+    report = json.loads(run_cfsctl("--repo", imported, "fsck", "--json",
+                                   address=shared_daemon.address).stdout)
+    # 3 layers x (4 files over 64 bytes + the xattrs file) + the shared file once + the 3
+    # splitstreams themselves
+    assert report["ok"] and report["streams_checked"] == 3, report
+    assert report["objects_checked"] == 3 * 5 + 1 + 3, report
 
 
-def test_objects_named_by_fsverity_cli(repo: str) -> None:
+def test_objects_named_by_fsverity_cli(imported: str) -> None:
     """Every object file name equals `fsverity digest` of its content."""
     fsv = shutil.which("fsverity")
     if fsv is None:
         pytest.skip("fsverity not installed")
-    paths = sorted(str(p) for p in Path(repo, "objects").glob("??/*"))
-    assert paths
+    paths = sorted(str(p) for p in Path(imported, "objects").glob("??/*"))
+    assert len(paths) == 3 * 5 + 1 + 3
     for i in range(0, len(paths), 200):
         batch = paths[i:i + 200]
         out = subprocess.run([fsv, "digest", "--hash-alg=sha256", *batch], check=True,
