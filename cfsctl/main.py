@@ -13,7 +13,8 @@ from cfsctl.context import Context
 from cfsctl.options import Recorder, add_global_options, resolve
 
 VERSION = "0.1.0"
-MULTICALL = {"composefs-info": cinfo.main, "mount.composefs": cmount.main}
+MULTICALL = {"mkcomposefs": image.mkcomposefs_main, "composefs-info": cinfo.main,
+             "mount.composefs": cmount.main}
 DESCRIPTION = """\
 composefs repository client: every command is a call to the cfsd daemon (the one at
 --address or $CFSD_ADDRESS, the user's or the system's; without one, a private daemon is
@@ -40,17 +41,12 @@ def build_parser(rec: Recorder | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; argv[0] ``mkcomposefs``, ``composefs-info`` or ``mount.composefs`` (or
     ``cfsctl NAME …``) is that C tool."""
-    if argv is None and os.path.basename(sys.argv[0]) == "mkcomposefs":
-        return image.mkcomposefs_main(sys.argv[1:], sys.argv[0])
     if argv is None and os.path.basename(sys.argv[0]) in MULTICALL:
         return MULTICALL[os.path.basename(sys.argv[0])](sys.argv[1:], sys.argv[0])
     argv = sys.argv[1:] if argv is None else argv
     tool = cinfo.multicall_argv(argv, tuple(MULTICALL))
     if tool is not None:
         return MULTICALL[tool[1]](tool[2], tool[1], address=tool[0])
-    mk = image.mkcomposefs_argv(argv)
-    if mk is not None:
-        return image.mkcomposefs_main(mk[1], address=mk[0])
     rec = Recorder()
     parser = build_parser(rec)
     args = parser.parse_args(argv)

@@ -98,6 +98,13 @@ class Daemon:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def status(self, field: str) -> int:
+        """A byte-valued field of the daemon's /proc status (VmRSS, VmHWM...)."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        raise KeyError(field)
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

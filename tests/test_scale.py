@@ -64,13 +64,6 @@ def write_million_layer(path: Path) -> tuple[str, dict]:
                                           "size": size}
 
 
-def _vm(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
 def test_million_entry_layer_pulls_within_300_mb(tmp_path: Path) -> None:
     layout = Layout(tmp_path / "layout")
     diff_id, ldesc = write_million_layer(layout.path / "blobs/sha256/layer.tmp")
@@ -85,10 +78,10 @@ def test_million_entry_layer_pulls_within_300_mb(tmp_path: Path) -> None:
     try:
         repo = str(tmp_path / "repo")
         run_cfsctl("--repo", repo, "init", "--insecure", address=d.address)
-        base = _vm(d.proc.pid, "VmRSS")
+        base = d.status("VmRSS")
         run_cfsctl("--repo", repo, "oci", "pull", f"oci:{layout.path}:million", "million",
                    address=d.address)
-        peak = _vm(d.proc.pid, "VmHWM")
+        peak = d.status("VmHWM")
         assert peak < RSS_LIMIT, f"peak RSS {peak / MIB:.0f} MiB (idle {base / MIB:.0f} MiB)"
         # the image holds every entry: the first and the last file are in it
         ids = [n for n in os.listdir(Path(repo) / "images") if n != "refs"]

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from cfsctl.client import CallError, Client, ConnectError, open_client
+from cfsctl.errors import die_of_sigpipe, stdout_closed
 
 R = "org.composefs.Repository."
 PROG = "composefs-info"
@@ -39,22 +38,6 @@ class Exit(Exception):
         self.status = status
         self.lines = lines
         self.stdout = stdout
-
-
-def stdout_closed() -> bool:
-    """True when stdout is a pipe (or socket) nobody reads any more."""
-    try:
-        p = select.poll()
-        p.register(1, select.POLLOUT)
-        return any(ev & select.POLLERR for _fd, ev in p.poll(0))
-    except OSError:
-        return False
-
-
-def die_of_sigpipe() -> None:
-    """End as C ends when it writes to a closed pipe: killed by SIGPIPE, silently."""
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGPIPE)
 
 
 def flush_stdout() -> None:

@@ -123,34 +123,6 @@ def cmd_dump_files(ctx: Context, a: argparse.Namespace) -> int:
     return 0
 
 
-_GLOBAL_WITH_VALUE = ("--repo", "--address", "--hash", "--erofs-version")
-
-
-def mkcomposefs_argv(argv: Sequence[str]) -> tuple[str | None, list[str]] | None:
-    """``(address, mkcomposefs args)`` if *argv* is ``[global options] mkcomposefs …``.
-
-    Intercepted before argparse so that every argument (``--help`` too) reaches mkcomposefs.
-    """
-    address = None
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "mkcomposefs":
-            return address, list(argv[i + 1:])
-        if not arg.startswith("--"):
-            return None
-        name, eq, value = arg.partition("=")
-        if name in _GLOBAL_WITH_VALUE and not eq:
-            if i + 1 >= len(argv):
-                return None
-            value = argv[i + 1]
-            i += 1
-        if name == "--address":
-            address = value
-        i += 1
-    return None
-
-
 XATTRS_HELP = ("which xattrs to keep: allowlist-only (default; security.capability and "
                "the like) or keep-user-xattrs (also user.*)")
 
