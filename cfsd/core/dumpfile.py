@@ -41,6 +41,7 @@ from cfsd.core.tree import (
     FileSystem,
     Inline,
     Leaf,
+    Redirect,
     Socket,
     Sparse,
     Stat,
@@ -192,6 +193,9 @@ def _leaf_line(path: bytes, leaf: Leaf, nlink: int) -> bytes:
                      c.id.hex().encode())
     if t is Sparse:
         return _line(path, st, S_IFREG, c.size, nlink, 0, b"", b"", None)
+    if t is Redirect:
+        return _line(path, st, S_IFREG, c.size, nlink, 0, c.payload, b"",
+                     c.digest.hex().encode() if c.digest is not None else None)
     if t is Symlink:
         return _line(path, st, S_IFLNK, len(c.target), nlink, 0, c.target, b"", None)
     if t is BlockDevice or t is CharacterDevice:
@@ -506,15 +510,18 @@ def _rs_add(fs: FileSystem, dirs: dict[bytes, Directory], hardlinks: dict[bytes,
 # --------------------------------------------------------------------------- C tools
 
 
-def parse_dumpfile_c(data: bytes, *, strict: bool = False, alg: object = None) -> FileSystem:
+def parse_dumpfile_c(data: bytes, *, strict: bool = False, alg: object = None,
+                     mkcomposefs: bool = False) -> FileSystem:
     """Parse a dumpfile like C ``mkcomposefs --from-file`` and build the tree.
 
-    ``strict`` is ``CFS_PARSE_STRICT`` (see :func:`strict_from_env`).  Constructs the C
-    tools accept but the tree model cannot represent (a digest without a payload, or a
-    payload that is not the object path of the file) are rejected.
+    ``strict`` is ``CFS_PARSE_STRICT`` (see :func:`strict_from_env`).  With
+    ``mkcomposefs`` every construct C accepts is kept (redirects that are not object
+    paths, digests without payloads, hardlinks to directories) and C's write-time failures
+    are left to ``write_image``; without it they are rejected here, so the tree holds only
+    what the rest of cfsd knows.  See :func:`cfsd.core.erofs.cdump.parse_dumpfile_c`.
     """
     from cfsd.core.erofs.cdump import parse_dumpfile_c as _parse
-    return _parse(data, strict=strict, alg=alg)
+    return _parse(data, strict=strict, alg=alg, mkcomposefs=mkcomposefs)
 
 
 def dump_image_c(image: bytes, filters: list[bytes] | None = None) -> bytes:

@@ -6,8 +6,12 @@
   sha256 digest with the payload ``XX/DIGEST``; ``use_epoch`` zeroes every mtime,
   ``skip_devices`` leaves out block and character devices, ``skip_xattrs`` reads no xattrs
   and ``user_xattrs`` only ``user.*`` ones (the two conflict: ``Invalid argument``).
-* Dump source (``--from-file``): the C dumpfile parser (:func:`parse_dumpfile_c`); the
-  directory options and the digest store do not apply.
+* Dump source (``--from-file``): the C dumpfile parser (:func:`parse_dumpfile_c` with
+  ``mkcomposefs=True``: whatever C accepts, including redirects that are not object
+  paths, digests without payloads and hardlinks to directories); the directory options
+  and the digest store do not apply.  Errors C only meets while writing (a file too large,
+  too many xattrs once the overlay ones are added, hardlink cycles) come from
+  :func:`build_image`, after the version check, as in C.
 * Version: ``--min-version``/``--max-version`` with C defaults and the whiteout auto-bump
   (storage.md 8.2, :func:`select_c_version`).
 * Digest store: the content of every non-inline file is copied to ``DIR/XX/DIGEST`` (the
@@ -184,11 +188,12 @@ def from_directory(root_fd: int, opts: MkcomposefsOptions, *, source: str = ".",
 
 
 def from_dump(data: bytes, *, strict: bool = False) -> FileSystem:
-    """Parse a dumpfile with the C rules (``strict`` = ``CFS_PARSE_STRICT``)."""
-    if not data.strip(b"\n"):
+    """Parse a dumpfile with the C rules (``strict`` = ``CFS_PARSE_STRICT``); the tree is
+    meant for :func:`build_image`."""
+    if not data:
         raise MkcomposefsError("No files in dump file")
     try:
-        return parse_dumpfile_c(data, strict=strict, alg="sha256")
+        return parse_dumpfile_c(data, strict=strict, alg="sha256", mkcomposefs=True)
     except DumpfileError as e:
         raise MkcomposefsError(_LINE_PREFIX.sub("", str(e))) from None
 

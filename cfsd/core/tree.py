@@ -24,7 +24,8 @@ __all__ = [
     "BlockDevice", "CharacterDevice", "Directory", "DirectoryItem", "External",
     "ExternalNoVerity", "Fifo", "FileSystem", "Hardlink", "Inline", "InvalidFilename",
     "IsADirectory", "Leaf", "LeafContent", "LayerItem", "NotADirectory", "NotFound",
-    "OrphanedLeaves", "RegularFile", "Socket", "Sparse", "Stat", "Symlink", "TreeError",
+    "OrphanedLeaves", "Redirect", "RegularFile", "Socket", "Sparse", "Stat", "Symlink",
+    "TreeError",
     "XattrFiltering", "apply_layer_entry", "canonicalize_run", "copy_root_metadata_from_usr",
     "file_name", "file_type_bits", "is_whiteout", "leaf_marks", "paused_gc",
     "transform_for_oci",
@@ -168,6 +169,21 @@ class Sparse:
 
 
 @dataclass(frozen=True, slots=True)
+class Redirect:
+    """A regular file of ``size`` bytes redirected to an arbitrary ``payload`` path (no
+    redirect when empty), with an optional fs-verity ``digest`` (C dumpfiles only).
+
+    C ``mkcomposefs --from-file`` accepts any payload and any digest; this kind holds what
+    External, ExternalNoVerity and Sparse cannot: a payload that is not the object path of
+    the digest, a digest without a payload.
+    """
+
+    size: int
+    payload: bytes
+    digest: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
 class BlockDevice:
     """A block device node."""
 
@@ -198,11 +214,11 @@ class Symlink:
     target: bytes
 
 
-RegularFile = Inline | External | ExternalNoVerity | Sparse
-LeafContent = Inline | External | ExternalNoVerity | Sparse | BlockDevice | CharacterDevice \
-    | Fifo | Socket | Symlink
+RegularFile = Inline | External | ExternalNoVerity | Sparse | Redirect
+LeafContent = Inline | External | ExternalNoVerity | Sparse | Redirect | BlockDevice \
+    | CharacterDevice | Fifo | Socket | Symlink
 
-REGULAR_TYPES = (Inline, External, ExternalNoVerity, Sparse)
+REGULAR_TYPES = (Inline, External, ExternalNoVerity, Sparse, Redirect)
 
 
 def is_whiteout(content: object) -> bool:

@@ -3,7 +3,12 @@
 
 Parsing (:func:`parse_dumpfile_c`) follows the C rules: 5000-byte inline limit, optional
 strict mode (``CFS_PARSE_STRICT``), missing trailing fields read as empty strings, forward
-hardlink references resolved at the end, size ignored for symlinks, ``strtoull`` numbers.
+hardlink references resolved at the end (C's way: chains, cycles, links to directories),
+size ignored for symlinks, ``strtoull`` numbers truncated to C's field widths, digests
+parsed as C does (into a buffer that keeps the previous digest's bytes).  A regular file
+with a redirect that is not its object path, or a digest without a payload, is a
+``Redirect``; the NLINK of the dump and the other C facts ride along in the tree
+(:class:`~cfsd.core.erofs.writer.CFileSystem`), so ``write_image`` writes C's bytes.
 
 Printing (:func:`dump_image_c`) mirrors the C image loader (``lcfs_load_node_from_image``)
 and ``dump_node``: children in on-disk order (blocks, then inline), the first occurrence
@@ -16,24 +21,25 @@ directories holding whiteouts show ``trusted.overlay.opaque=x user.overlay.opaqu
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+
 from cfsd.core.dumpfile import (
     PATH_MAX,
     XATTR_NAME_MAX,
     DumpfileError,
     _alg_size,
-    _stat,
     escape,
     escape_optional,
 )
 from cfsd.core.erofs import format as F
 from cfsd.core.erofs.format import (
     ErofsError,
-    chunk_count,
     object_pathname,
-    parse_hex_digest,
     parse_object_pathname,
 )
 from cfsd.core.erofs.reader import Image, Inode
+from cfsd.core.erofs.writer import CFileSystem, c_chunk_count
 from cfsd.core.tree import (
     S_IFBLK,
     S_IFCHR,
@@ -49,11 +55,12 @@ from cfsd.core.tree import (
     External,
     ExternalNoVerity,
     Fifo,
-    FileSystem,
     Inline,
     Leaf,
+    Redirect,
     Socket,
     Sparse,
+    Stat,
     Symlink,
     paused_gc,
 )
@@ -154,55 +161,137 @@ def _cstr(b: bytes) -> bytes:
     return b if z < 0 else b[:z]
 
 
-class _CLink:
-    """A C hardlink placeholder, resolved after all lines are read."""
+def _s(b: bytes) -> str:
+    """Bytes as C prints them with ``%s`` (``os.fsencode`` gives them back)."""
+    return b.decode("utf-8", "surrogateescape")
 
-    __slots__ = ("target", "parent", "name", "path")
+
+def _lld(v: int) -> int:
+    """A u64 printed with ``%lld``."""
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+_M32 = 0xFFFFFFFF
+_HEX64 = re.compile(rb"[0-9a-fA-F]{64}")
+_LOOP, _HANG = 1, 2
+
+
+class _CLink:
+    """A C hardlink node (an ``@`` line), linked after all lines are read."""
+
+    __slots__ = ("target", "parent", "name", "path", "mode", "link_to", "leaf")
 
     def __init__(self, target: bytes | None, parent: Directory, name: bytes,
-                 path: bytes) -> None:
+                 path: bytes, mode: int) -> None:
         self.target = target
         self.parent = parent
         self.name = name
         self.path = path
+        self.mode = mode
+        self.link_to: object = None    # the node its target path named (C ``link_to``)
+        # C ``link_to_invalid`` (the target chain was a cycle): the link stays a node of
+        # its own, of the ``@`` line's mode and otherwise empty
+        self.leaf: Leaf | None = None
 
 
-def parse_dumpfile_c(data: bytes, *, strict: bool = False, alg: object = None) -> FileSystem:
+def _follow(start: object) -> tuple[object, int]:
+    """C ``follow_links``: the node a chain of hardlinks ends at, or why it does not end.
+
+    ``_LOOP``: the chain comes back to *start* (ELOOP).  ``_HANG``: it runs into a cycle
+    that does not pass through *start* (C loops forever).
+    """
+    n = start
+    seen: set[int] = set()
+    while type(n) is _CLink and n.link_to is not None:
+        n = n.link_to
+        if n is start:
+            return None, _LOOP
+        if id(n) in seen:
+            return None, _HANG
+        seen.add(id(n))
+    return n, 0
+
+
+def parse_dumpfile_c(data: bytes, *, strict: bool = False, alg: object = None,
+                     mkcomposefs: bool = False) -> CFileSystem:
     """Parse a dumpfile like C ``mkcomposefs --from-file`` and build the tree.
 
-    ``strict`` is ``CFS_PARSE_STRICT`` (see :func:`strict_from_env`).  Constructs the C
-    tools accept but the tree model cannot represent (a digest without a payload, or a
-    payload that is not the object path of the file) are rejected.
+    ``strict`` is ``CFS_PARSE_STRICT`` (see :func:`strict_from_env`).  The tree carries the
+    C facts the model has no room for (:class:`~cfsd.core.erofs.writer.CFacts`), so
+    ``write_image`` writes what C writes.  With ``mkcomposefs`` everything C accepts is
+    kept: arbitrary redirects and digests without payloads (``Redirect``), hardlinks to
+    directories, and hardlinks C cannot write (reported by ``write_image`` as C does; so is
+    a file too large).  Without it those are rejected here.
     """
     with paused_gc():
-        return _parse(data, strict, _alg_size(alg))
+        return _parse(data, strict, _alg_size(alg), mkcomposefs)
 
 
-def _parse(data: bytes, strict: bool, alg_size: int | None) -> FileSystem:
-    lines = data.split(b"\n")
-    last = lines.pop()
-    if last:
+def _c_reads(data: bytes, strict: bool) -> Iterator[tuple[int, int, bool]]:
+    """The lines as C ``tree_from_dump`` reads them: ``(start, end, fresh)``.
+
+    C reads the file into a 64 KiB buffer (doubled while one line does not fit) and
+    parses the complete lines of each read, keeping a partial last line for the next read.
+    ``fresh`` marks the first line after each read: the calls in between overwrite the
+    stack slot C parses digests into (cfsd assumes zeros; C keeps whatever those calls
+    left, often zeros).  A read that returns nothing ends the file, and its partial line
+    is parsed even in strict mode; a partial line left at the end is parsed too, or is an
+    error in strict mode.
+    """
+    n = len(data)
+    cap = 0
+    start = off = 0
+    while True:
+        keep = off - start
+        if cap < keep + 1:
+            cap = max(cap * 2 if cap else 64 << 10, keep + 1)
+        want = cap - keep
+        got = min(want, n - off)
+        off += got
+        fresh = True
+        while start < off:
+            j = data.find(b"\n", start, off)
+            if j < 0:
+                if got == 0:
+                    yield start, off, fresh
+                    start = off
+                break
+            yield start, j, fresh
+            fresh = False
+            start = j + 1
+        if got < want:
+            break
+    if start < off:
         if strict:
-            lines.append(None)  # type: ignore[arg-type]
-        else:
-            lines.append(last)
-    state = _CState(alg_size, strict)
-    for lineno, line in enumerate(lines, 1):
-        if line is None:
             raise DumpfileError("Missing trailing newline")
+        yield start, off, True
+
+
+def _parse(data: bytes, strict: bool, alg_size: int | None, complete: bool) -> CFileSystem:
+    state = _CState(alg_size, strict, complete)
+    for lineno, (start, end, fresh) in enumerate(_c_reads(data, strict), 1):
+        if fresh:
+            state.raw = bytearray(32)
         try:
-            state.line(line)
+            state.line(data[start:end])
         except DumpfileError as e:
             raise DumpfileError(f"line {lineno}: {e}") from None
     return state.finish()
 
 
 class _CState:
-    def __init__(self, alg_size: int | None, strict: bool) -> None:
+    """The tree C ``tree_from_dump`` builds, one line at a time."""
+
+    def __init__(self, alg_size: int | None, strict: bool, complete: bool) -> None:
         self.alg_size = alg_size
         self.strict = strict
-        self.fs: FileSystem | None = None
+        self.complete = complete
+        self.fs: CFileSystem | None = None
         self.links: list[_CLink] = []
+        self.nlinks: dict[Leaf, int] = {}   # leaves whose dump NLINK is not 1
+        # C parses a digest into an uninitialised stack buffer and ignores how much it
+        # parsed: a short or malformed digest keeps the bytes of the previous one
+        self.raw = bytearray(32)
 
     def _lookup_parent(self, path: bytes) -> tuple[object, bytes]:
         assert self.fs is not None
@@ -221,6 +310,25 @@ class _CState:
                 return None, b""
             node = child
             i = j
+
+    def _digest(self, text: bytes) -> bytes:
+        """C ``digest_to_raw`` into the shared buffer (stops at the first bad digit)."""
+        if _HEX64.match(text):
+            d = bytes.fromhex(text[:64].decode())
+            self.raw[:] = d
+            return d
+        raw = self.raw
+        n = len(text)
+        i = size = 0
+        while i < n and size < 32:
+            hi = _HEXVAL.get(text[i])
+            lo = _HEXVAL.get(text[i + 1]) if i + 1 < n else None
+            if hi is None or lo is None:
+                break
+            raw[size] = hi << 4 | lo
+            size += 1
+            i += 2
+        return bytes(raw)
 
     def line(self, line: bytes) -> None:
         """Parse one line (``tree_from_dump_line``) and add its node to the tree."""
@@ -246,7 +354,7 @@ class _CState:
         is_link = modef.startswith(b"@")
         if is_link:
             modef = modef[1:]
-        mode = _strtoull(modef, 8) & 0xFFFFFFFF
+        mode = _strtoull(modef, 8) & _M32
         ty = mode & S_IFMT
         if ty not in _C_TYPES:
             raise DumpfileError(f"Invalid mode {mode:o}")
@@ -263,25 +371,28 @@ class _CState:
                 raise DumpfileError("Root node not present")
             parent, name = self._lookup_parent(path)
             if parent is None:
-                raise DumpfileError(f"Parent directory missing for {path!r}")
+                raise DumpfileError(f"Parent directory missing for {_s(path)}")
             if type(parent) is not Directory:
-                raise DumpfileError(f"Parent must be a directory for {path!r}")
+                raise DumpfileError(f"Parent must be a directory for {_s(path)}")
             if name == b"." or name == b"..":
-                raise DumpfileError(f"Invalid . or .. in path: {path.decode('latin-1')}")
+                raise DumpfileError(f"Invalid . or .. in path: {_s(path)}")
             if not name or len(name) > 255:
                 raise DumpfileError("Can't add child")
             if name in parent.entries:
-                raise DumpfileError(f"Path {path.decode('latin-1')} already exist")
+                # C means to say "Path %s already exist", but lcfs_node_add_child returns
+                # -1 (errno EEXIST), not -EEXIST, so it says "Can't add child"
+                raise DumpfileError("Can't add child" if self.complete
+                                    else f"Path {_s(path)} already exist")
         if is_link:
             if ty == S_IFDIR:
                 raise DumpfileError("Directories can't be hardlinked")
             tp = None if fields[8] == b"-" else _cstr(_unescape_c(fields[8]))
-            link = _CLink(tp, parent, name, path)  # type: ignore[arg-type]
+            link = _CLink(tp, parent, name, path, mode)  # type: ignore[arg-type]
             parent.entries[name] = link  # type: ignore[attr-defined]
             self.links.append(link)
             return
         size = _strtoull(fields[1], 10)
-        _strtoull(fields[3], 10)  # nlink: validated, then recomputed from the tree
+        nlink = _strtoull(fields[3], 10) & _M32
         uid = _strtoull(fields[4], 10)
         try:
             gid = _strtoull(fields[5], 10)
@@ -303,19 +414,20 @@ class _CState:
         content = None if fields[9] == b"-" else _unescape_c(fields[9])
         if content is not None and len(content) != size:
             raise DumpfileError(
-                f"Invalid content size {len(content)}, must match size {size}")
-        # an empty DIGEST (missing trailing field) carries no digest bytes
-        digest = None if fields[10] in (b"-", b"") else _cstr(_unescape_c(fields[10]))
+                f"Invalid content size {len(content)}, must match size {_lld(size)}")
+        # a missing DIGEST field is an empty digest: set, from the buffer as it is
+        digest = None if fields[10] == b"-" else self._digest(_cstr(_unescape_c(fields[10])))
         if ty not in (S_IFCHR, S_IFBLK) and self.strict and rdev != 0:
             raise DumpfileError("Non-zero devnum on non-device")
         item: object
+        rdev &= _M32
         if ty == S_IFLNK:
             if not payload or len(payload) >= PATH_MAX:
                 raise DumpfileError("Invalid symlink")
             if self.strict:
                 if size != len(payload):
-                    raise DumpfileError(
-                        f"Invalid symlink size {len(payload)}, must match size {size}")
+                    raise DumpfileError(f"Invalid symlink size {len(payload)}, must match "
+                                        f"size {_lld(size)}")
                 if content:
                     raise DumpfileError("Symlink cannot have content")
             item = Symlink(payload)
@@ -339,41 +451,51 @@ class _CState:
                 item = Socket()
         if len(rest) > 0xFFFF:
             raise DumpfileError("Too many xattrs")
-        stat = _stat(mode, uid & 0xFFFFFFFF, gid & 0xFFFFFFFF, sec, nsec)
+        stat = Stat(mode & 0o7777, uid & _M32, gid & _M32,
+                    sec - (1 << 64) if sec >= 1 << 63 else sec, nsec & _M32)
         if rest:
             stat.xattrs = self._xattrs(rest)
         if path == b"/":
-            self.fs = FileSystem(stat)
+            self.fs = CFileSystem(stat)
             return
         if item is Directory:
             parent.entries[name] = Directory(stat)  # type: ignore[attr-defined]
-        else:
-            parent.entries[name] = self.fs.push_leaf(stat, item)  # type: ignore[arg-type, union-attr, attr-defined]
+            return
+        fs: CFileSystem = self.fs  # type: ignore[assignment]
+        leaf = parent.entries[name] = fs.push_leaf(stat, item)  # type: ignore[arg-type, attr-defined]
+        if nlink != 1:
+            self.nlinks[leaf] = nlink
+        # C needs an extended inode when the (otherwise unused) size exceeds 32 bits
+        if size > _M32 and ty != S_IFREG and ty != S_IFLNK and not (
+                ty == S_IFCHR and rdev == 0):
+            fs.c.wide.add(leaf)
 
     def _regular(self, size: int, payload: bytes | None, content: bytes | None,
                  digest: bytes | None) -> object:
+        """The content of a regular file (C: overlay xattrs iff size > 0 and no content)."""
         if content is not None:
             return Inline(content)
         if size == 0:
             return Inline(b"")
-        if chunk_count(size) > LCFS_MAX_NONINLINE_CHUNKS:
+        if not self.complete and c_chunk_count(size) > LCFS_MAX_NONINLINE_CHUNKS:
             raise DumpfileError("cannot write file: File too large")
-        if payload:
+        p = payload or b""
+        if digest is None:
+            if not p:
+                return Sparse(size)
+            d = parse_object_pathname(p, self.alg_size)
+            if d is not None and object_pathname(d) == p:
+                return ExternalNoVerity(d, size)
+        elif p and object_pathname(digest) == p:
+            return External(digest, size)
+        if not self.complete:
+            if not p:
+                raise DumpfileError("unsupported: fs-verity digest without a payload")
             if digest is not None:
-                d = parse_hex_digest(digest, self.alg_size)
-                if d is None:
-                    raise DumpfileError(f"Invalid fs-verity digest {digest!r}")
-                if object_pathname(d) != payload:
-                    raise DumpfileError(
-                        f"unsupported: payload {payload!r} is not the object path of the digest")
-                return External(d, size)
-            d = parse_object_pathname(payload, self.alg_size)
-            if d is None or object_pathname(d) != payload:
-                raise DumpfileError(f"unsupported: payload {payload!r} is not an object path")
-            return ExternalNoVerity(d, size)
-        if digest is not None:
-            raise DumpfileError("unsupported: fs-verity digest without a payload")
-        return Sparse(size)
+                raise DumpfileError(
+                    f"unsupported: payload {p!r} is not the object path of the digest")
+            raise DumpfileError(f"unsupported: payload {p!r} is not an object path")
+        return Redirect(size, p, digest)
 
     @staticmethod
     def _xattrs(rest: bytes) -> dict[bytes, bytes]:
@@ -408,47 +530,89 @@ class _CState:
             xattrs[key] = value
         return xattrs
 
-    def finish(self) -> FileSystem:
-        """Resolve hardlinks (after all lines, so forward references work)."""
+    def finish(self) -> CFileSystem:
+        """Link the hardlinks (after all lines, so forward references work), as C does."""
         if self.fs is None:
             raise DumpfileError("No root entry in dumpfile")
         fs = self.fs
+        c = fs.c
+        where: dict[Leaf, tuple[Directory, bytes]] = {}
+        # tree_resolve_hardlinks: the last line first
         for link in reversed(self.links):
             if link.target is None:
                 raise DumpfileError("No target path for the hardlink")
-            target = _c_lookup(fs.root, link.target)
-            if target is None:
-                raise DumpfileError(
-                    f"No target at {link.target.decode('latin-1')} for hardlink")
-            if target is link:
-                raise DumpfileError(
-                    f"Self-referential hardlink {link.target.decode('latin-1')}")
+            parent, name, node = _c_lookup(fs.root, link.target)
+            if node is None:
+                raise DumpfileError(f"No target at {_s(link.target)} for hardlink")
+            if node is link:
+                raise DumpfileError(f"Self-referential hardlink {_s(link.target)}")
+            if type(node) is Leaf:
+                where[node] = (parent, name)  # type: ignore[assignment]
+            # lcfs_node_make_hardlink refuses a target whose chain leads back to it (and
+            # C's deep copy of the tree then forgets the refusal: the link is a plain node)
+            if _follow(node)[1]:
+                link.leaf = fs.push_leaf(Stat(link.mode & 0o7777), _EMPTY[link.mode & S_IFMT])
+                where[link.leaf] = (link.parent, link.name)
+            else:
+                link.link_to = node
         for link in self.links:
-            seen = {id(link)}
-            node: object = link
-            while type(node) is _CLink:
-                node = _c_lookup(fs.root, node.target)  # type: ignore[arg-type]
-                if id(node) in seen:
-                    raise DumpfileError(f"hardlink cycle at {link.path!r}")
-                seen.add(id(node))
-            if type(node) is not Leaf:
-                raise DumpfileError(
-                    f"cannot write file: Invalid argument (hardlink {link.path!r} to a directory)")
-            link.parent.entries[link.name] = node  # type: ignore[assignment]
+            if link.leaf is not None:
+                link.parent.entries[link.name] = link.leaf
+        counts: dict[Leaf, int] = {}
+        for link in self.links:
+            if link.leaf is not None:
+                continue
+            node, why = _follow(link)
+            if why:
+                if not self.complete:
+                    raise DumpfileError("cannot write file: Too many levels of symbolic "
+                                        f"links (hardlink cycle at {_s(link.path)})")
+                c.loops = True
+                del link.parent.entries[link.name]
+                continue
+            if type(node) is _CLink:
+                node = node.leaf
+            if type(node) is Directory:
+                if not self.complete:
+                    raise DumpfileError("cannot write file: Invalid argument (hardlink "
+                                        f"{link.path!r} to a directory)")
+                del link.parent.entries[link.name]
+                c.dir_links.setdefault(link.parent, {})[link.name] = node
+                continue
+            leaf: Leaf = node  # type: ignore[assignment]
+            link.parent.entries[link.name] = leaf
+            counts[leaf] = counts.get(leaf, 1) + 1
+            c.primary[leaf] = where[leaf]
+        # C writes the NLINK of the dump, not the number of entries
+        for leaf, n in self.nlinks.items():
+            if counts.get(leaf, 1) != n:
+                c.nlink[leaf] = n
+        for leaf, n in counts.items():
+            if leaf not in self.nlinks and n != 1:
+                c.nlink[leaf] = 1
         return fs
 
 
-def _c_lookup(root: Directory, path: bytes) -> object:
+_EMPTY: dict[int, object] = {
+    S_IFREG: Inline(b""), S_IFLNK: Symlink(b""), S_IFCHR: CharacterDevice(0),
+    S_IFBLK: BlockDevice(0), S_IFIFO: Fifo(), S_IFSOCK: Socket()}
+
+
+def _c_lookup(root: Directory, path: bytes) -> tuple[Directory | None, bytes, object]:
+    """C ``lookup_path``: ``(parent, name, node)``; node None if not found."""
     node: object = root
+    parent: Directory | None = None
+    last = b""
     for comp in path.split(b"/"):
         if not comp:
             continue
         if type(node) is not Directory:
-            return None
+            return None, b"", None
+        parent, last = node, comp
         node = node.entries.get(comp)
         if node is None:
-            return None
-    return node
+            return None, b"", None
+    return parent, last, node
 
 
 # --------------------------------------------------------------------------- dump

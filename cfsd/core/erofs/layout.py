@@ -70,10 +70,13 @@ class Inodes:
     ``obj`` is the tree node (a :class:`Leaf` or :class:`Directory`), ``ft`` the EROFS
     file type, ``tail`` the inline byte count (for a directory: its inline dirent bytes).
     Directories also have ``dirents[idx] = (names, children)``: every name including
-    ``.`` and ``..`` in byte order and the inode index each refers to.
+    ``.`` and ``..`` in byte order and the inode index each refers to.  ``wide`` holds the
+    inodes that need an extended header whatever their fields (C: a device, fifo or socket
+    whose dump SIZE does not fit 32 bits).
     """
 
-    __slots__ = ("obj", "ft", "nlink", "n_blocks", "tail", "flags", "xattrs", "dirents")
+    __slots__ = ("obj", "ft", "nlink", "n_blocks", "tail", "flags", "xattrs", "dirents",
+                 "wide")
 
     def __init__(self) -> None:
         self.obj: list[Directory | Leaf] = []
@@ -84,6 +87,7 @@ class Inodes:
         self.flags = bytearray()
         self.xattrs: dict[int, Xattrs] = {}
         self.dirents: dict[int, tuple[list[bytes], array]] = {}
+        self.wide: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.obj)
@@ -240,6 +244,7 @@ def emit_image(ino: Inodes, shared: list[Xattr], version: int, flags: int,
 
     # ---------------------------------------------------------------- pass 1: layout
     min_sec, min_nsec = min_mtime
+    wide = ino.wide
     pos = F.SUPERBLOCK_END
     for idx in range(n):
         ft = fts[idx]
@@ -278,7 +283,7 @@ def emit_image(ino: Inodes, shared: list[Xattr], version: int, flags: int,
         xs = ino.xattr_size(idx) if idx in xattrs else 0
         hs = 32 if (epoch1 and st.st_mtim_nsec == min_nsec and (st.st_mtim_sec & _MASK64) == min_sec
                     and nlinks[idx] <= 0xFFFF and st.st_uid <= 0xFFFF and st.st_gid <= 0xFFFF
-                    and size <= 0xFFFFFFFF) else 64
+                    and size <= 0xFFFFFFFF and idx not in wide) else 64
         pos = (pos + 31) & ~31
         if epoch1:
             if layout == _PLAIN and ft == _FT_LNK:

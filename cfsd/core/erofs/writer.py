@@ -11,14 +11,24 @@ never by the size of the image.
 
 Link counts live in each leaf's ``mark`` slot during collection (a dict per leaf would
 cost more than the tree itself), held with ``tree.leaf_marks``.
+
+A tree parsed from a C dumpfile is a :class:`CFileSystem`: it carries the node facts of C
+``mkcomposefs`` that the tree model has no room for (:class:`CFacts`: the NLINK given in
+the dump, which line of a hardlinked leaf is its own, hardlinks to directories, hardlink
+cycles).  For such a tree the writer also reports C's write-time errors in C's order
+(:func:`check_c_tree`), truncates chunk counts and compares mtimes as C does, and shares
+at most 128 xattrs per inode.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 from array import array
 from bisect import bisect_left
 from collections import Counter, deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from cfsd.core.erofs import format as F
 from cfsd.core.erofs.format import ErofsError
@@ -35,6 +45,7 @@ from cfsd.core.tree import (
     FileSystem,
     Inline,
     Leaf,
+    Redirect,
     Socket,
     Sparse,
     Stat,
@@ -44,8 +55,8 @@ from cfsd.core.tree import (
     paused_gc,
 )
 
-__all__ = ["ErofsError", "select_c_version", "validate_filesystem", "write_image",
-           "write_image_to"]
+__all__ = ["CFacts", "CFileSystem", "ErofsError", "c_chunk_count", "check_c_tree",
+           "select_c_version", "validate_filesystem", "write_image", "write_image_to"]
 
 LCFS_VERSION_MAX = 1
 LCFS_DEFAULT_VERSION_MIN = 0
@@ -55,10 +66,144 @@ _MASK64 = (1 << 64) - 1
 
 _LEAF_FT = {
     Inline: F.FT_REG, External: F.FT_REG, ExternalNoVerity: F.FT_REG, Sparse: F.FT_REG,
-    BlockDevice: F.FT_BLK, CharacterDevice: F.FT_CHR, Fifo: F.FT_FIFO, Socket: F.FT_SOCK,
-    Symlink: F.FT_LNK,
+    Redirect: F.FT_REG, BlockDevice: F.FT_BLK, CharacterDevice: F.FT_CHR, Fifo: F.FT_FIFO,
+    Socket: F.FT_SOCK, Symlink: F.FT_LNK,
 }
-_CHUNKED = (External, ExternalNoVerity, Sparse)
+_CHUNKED = (External, ExternalNoVerity, Sparse, Redirect)
+
+C_SHARED_XATTRS_MAX = 128          # EROFS_XATTR_LONG_PREFIX: C's cap of shared refs per inode
+C_XATTR_MAX = 0xFFFF // 2          # LCFS_INODE_EXTERNAL_XATTR_MAX
+
+
+@dataclass(eq=False)
+class CFacts:
+    """What a C ``mkcomposefs`` node knows beyond the tree model (all sparse).
+
+    ``nlink``: leaves whose NLINK in the dump differs from their number of entries (C
+    writes the dump's value).  ``wide``: non-regular leaves whose SIZE in the dump exceeds
+    32 bits (C then needs an extended inode).  ``primary``: for hardlinked leaves, the
+    directory and name of the leaf's own (non-``@``) line, where C gives it its inode.
+    ``dir_links``: hardlinks to directories, kept out of ``entries`` (directory -> name ->
+    target).  ``loops``: some hardlinks form a cycle (ELOOP at write time; they are left
+    out of the tree).
+    """
+
+    nlink: dict[Leaf, int] = field(default_factory=dict)
+    wide: set[Leaf] = field(default_factory=set)
+    primary: dict[Leaf, tuple[Directory, bytes]] = field(default_factory=dict)
+    dir_links: dict[Directory, dict[bytes, Directory]] = field(default_factory=dict)
+    loops: bool = False
+
+
+class CFileSystem(FileSystem):
+    """A tree parsed from a C dumpfile, with its :class:`CFacts` (``c``)."""
+
+    __slots__ = ("c",)
+
+    def __init__(self, root_stat: Stat | None = None, *, root: Directory | None = None,
+                 leaves: list[Leaf] | None = None) -> None:
+        super().__init__(root_stat, root=root, leaves=leaves)
+        self.c = CFacts()
+
+
+def _facts(fs: FileSystem) -> CFacts | None:
+    return fs.c if isinstance(fs, CFileSystem) else None
+
+
+class _CXattrSize:
+    """C's running xattr size of one node while ``lcfs_write_to`` adds the overlay xattrs.
+
+    C writes a deep copy of the tree whose nodes start at size 0 whatever xattrs they
+    have; replacing an existing xattr subtracts its entry size from that ``size_t``, which
+    then wraps, and the next check (``size + entry > LCFS_INODE_EXTERNAL_XATTR_MAX``) fails
+    unless the sum wraps back.  Names are as escaped (``trusted.overlay.*`` first).
+    """
+
+    __slots__ = ("names", "size")
+
+    def __init__(self, xattrs: dict[bytes, bytes]) -> None:
+        esc, ovl = F.XATTR_OVERLAY_ESCAPED_PREFIX, F.XATTR_OVERLAY_PREFIX
+        self.names = {(esc + k[16:] if k.startswith(ovl) else k): len(v)
+                      for k, v in xattrs.items()}
+        self.size = 0
+
+    def set(self, name: bytes, vlen: int) -> None:
+        """Set an xattr as ``lcfs_node_set_xattr`` does (ERANGE when over budget)."""
+        old = self.names.pop(name, None)
+        if old is not None:
+            self.size = (self.size - (7 + len(name) + old)) & _MASK64 if self.names else 0
+        entry = 7 + len(name) + vlen + (0 if self.names else 12)
+        size = (self.size + entry) & _MASK64
+        if size > C_XATTR_MAX:
+            raise _c_error(errno.ERANGE)
+        self.size = size
+        self.names[name] = vlen
+
+
+def c_chunk_count(size: int) -> int:
+    """C's chunk count: ``DIV_ROUND_UP`` in 64 bits, which wraps to 0 near 2**64."""
+    bits = F.chunk_bits(size)
+    return ((size + (1 << bits) - 1) & _MASK64) >> bits
+
+
+def _c_error(code: int) -> ErofsError:
+    return ErofsError(f"cannot write file: {os.strerror(code)}")
+
+
+def check_c_tree(fs: CFileSystem, version: int) -> None:
+    """Raise the error C ``lcfs_write_to`` meets first when writing *fs* as *version*.
+
+    C walks its tree depth first (names in order, hardlinks skipped) checking each node
+    (more than 1024 chunks: EFBIG) and adding the overlay xattrs (the whiteout escapes on
+    the node and its parent may replace an xattr and overflow the budget: ERANGE, see
+    :class:`_CXattrSize`); then the root's opaque xattr; then it follows every hardlink (a
+    cycle: ELOOP).
+    """
+    c = fs.c
+    primary = c.primary
+    budgets: dict[Directory, _CXattrSize] = {}
+
+    def budget(d: Directory) -> _CXattrSize:
+        b = budgets.get(d)
+        if b is None:
+            b = budgets[d] = _CXattrSize(d.stat.xattrs)
+        return b
+
+    stack = [(fs.root, iter(sorted(fs.root.entries.items())))]
+    while stack:
+        d, it = stack[-1]
+        for name, child in it:
+            if type(child) is Directory:
+                stack.append((child, iter(sorted(child.entries.items()))))
+                break
+            leaf: Leaf = child  # type: ignore[assignment]
+            where = primary.get(leaf)
+            if where is not None and where != (d, name):
+                continue
+            ct = leaf.content
+            t = type(ct)
+            if t in _CHUNKED and ct.size > 0:  # type: ignore[union-attr]
+                if c_chunk_count(ct.size) > F.LCFS_MAX_NONINLINE_CHUNKS:  # type: ignore[union-attr]
+                    raise _c_error(errno.EFBIG)
+                # metacopy and redirect never replace an xattr: they cannot overflow
+            elif t is CharacterDevice and ct.rdev == 0:  # type: ignore[union-attr]
+                if leaf.stat.xattrs:     # without xattrs nothing is replaced
+                    b = _CXattrSize(leaf.stat.xattrs)
+                    b.set(F.XATTR_OVERLAY_WHITEOUT, 0)
+                    b.set(F.XATTR_USERXATTR_WHITEOUT, 0)
+                if d.stat.xattrs:
+                    b = budget(d)
+                    b.set(F.XATTR_OVERLAY_WHITEOUTS, 0)
+                    b.set(F.XATTR_USERXATTR_WHITEOUTS, 0)
+                    if version >= 1:
+                        b.set(F.XATTR_OVERLAY_OPAQUE, 1)
+                        b.set(F.XATTR_USERXATTR_OPAQUE, 1)
+        else:
+            stack.pop()
+    if fs.root.stat.xattrs:
+        budget(fs.root).set(F.XATTR_OVERLAY_OPAQUE_ROOT, 1)
+    if c.loops:
+        raise _c_error(errno.ELOOP)
 
 
 def select_c_version(fs: FileSystem, min_version: int | None = None,
@@ -84,9 +229,9 @@ def select_c_version(fs: FileSystem, min_version: int | None = None,
 
 def validate_filesystem(fs: FileSystem) -> None:
     """Check the tree can be written: fsck clean, valid names, not too deep, no hardlinked
-    whiteout.  Costs no memory per entry."""
+    whiteout (C trees may have them).  Costs no memory per entry."""
     with leaf_marks(fs):
-        _count_links(fs)
+        _count_links(fs, _facts(fs) is not None)
 
 
 def _invalid(fs: FileSystem) -> ErofsError:
@@ -100,12 +245,12 @@ def _invalid(fs: FileSystem) -> ErofsError:
     return ErofsError("invalid composefs filesystem")
 
 
-def _count_links(fs: FileSystem) -> int:
+def _count_links(fs: FileSystem, c_tree: bool = False) -> int:
     """Put every leaf's link count in ``leaf.mark`` and validate the tree on the way.
 
     Returns how many leaves are hardlinked.  Every leaf must be in the leaf table exactly
     once and be referenced; names must be valid; the tree no deeper than MAX_DEPTH; no
-    whiteout hardlinked.  Runs inside ``leaf_marks(fs)``.
+    whiteout hardlinked (unless ``c_tree``: C writes them).  Runs inside ``leaf_marks(fs)``.
     """
     leaves = fs.leaves
     for leaf in leaves:
@@ -130,7 +275,7 @@ def _count_links(fs: FileSystem) -> int:
             if m == 1:
                 hard += 1
                 c = child.content  # type: ignore[union-attr]
-                if type(c) is CharacterDevice and c.rdev == 0:
+                if type(c) is CharacterDevice and c.rdev == 0 and not c_tree:
                     raise ErofsError("invalid composefs filesystem: whiteout inode has nlink > 1")
             child.mark = m + 1  # type: ignore[union-attr]
     for leaf in leaves:
@@ -147,8 +292,11 @@ class _Collector:
         self.version = version
         self.epoch1 = version < 2
         self.ino = Inodes()
+        self.c = _facts(fs)
         self.hardlinks: dict[Leaf, int] = {}
-        self.first_dir: dict[Leaf, Directory] = {}
+        self.first_dir: dict[Leaf, tuple[Directory, bytes]] = {}
+        self.dir_idx: dict[Directory, int] | None = (
+            {} if self.c is not None and self.c.dir_links else None)
         self._names: dict[bytes, tuple[int, bytes, int]] = {}
         self.stubs: dict[bytes, Leaf] = {}
         self._metacopy_bit = self._name(F.XATTR_OVERLAY_METACOPY)[2]
@@ -157,15 +305,19 @@ class _Collector:
     # ---------------------------------------------------------------- traversal helpers
 
     def _sorted_names(self, d: Directory) -> list[bytes]:
-        names = sorted(d.entries)
+        names = list(d.entries)
         if self.stubs and d is self.fs.root:
-            names = sorted(names + list(self.stubs))
+            names += self.stubs
+        if self.dir_idx is not None:
+            names += self.c.dir_links.get(d, ())  # type: ignore[union-attr]
+        names.sort()
         return names
 
     def prepare(self, hardlinked: int) -> None:
-        """Whiteout stubs (Epoch1) and, for hardlinks, the directory of the first link.
+        """Whiteout stubs (Epoch1) and, for hardlinks, the entry that owns the inode.
 
-        C gives a hardlinked leaf its inode where a name-ordered DFS meets it first.
+        C gives a hardlinked leaf its inode at the entry of its own dump line, and
+        composefs-rs where a name-ordered DFS meets it first (the line C dumps in full).
         """
         fs = self.fs
         if not self.epoch1:
@@ -179,9 +331,10 @@ class _Collector:
         stub_stat = Stat(0o644, rst.st_uid, rst.st_gid, rst.st_mtim_sec, rst.st_mtim_nsec,
                          xattrs)
         present = root.entries
+        links = self.c.dir_links.get(root, {}) if self.dir_idx is not None else {}
         for i in range(256):
             name = b"%02x" % i
-            if name not in present:
+            if name not in present and name not in links:
                 self.stubs[name] = Leaf(stub_stat, CharacterDevice(0))
         if not hardlinked:
             return
@@ -189,14 +342,16 @@ class _Collector:
         stack = [(root, iter(sorted(root.entries.items())))]
         while stack:
             d, it = stack[-1]
-            for _name, child in it:
+            for name, child in it:
                 if type(child) is Directory:
                     stack.append((child, iter(sorted(child.entries.items()))))
                     break
                 if child.mark > 1 and child not in first:  # type: ignore[union-attr, operator]
-                    first[child] = d  # type: ignore[index]
+                    first[child] = (d, name)  # type: ignore[index]
             else:
                 stack.pop()
+        if self.c is not None:
+            first.update(self.c.primary)
 
     # ---------------------------------------------------------------- xattrs
 
@@ -246,6 +401,16 @@ class _Collector:
                 x = self.ino.xattrs[idx] = Xattrs()
                 x.local = [(4, b"overlay.metacopy", b"")]
                 x.filt = self._metacopy_bit
+            elif t is Redirect:
+                x = self.ino.xattrs[idx] = Xattrs()
+                d = content.digest
+                x.local = [(4, b"overlay.metacopy", F.metacopy_value(d) if d else b"")]
+                x.filt = self._metacopy_bit
+                if content.payload:
+                    x.local.append((4, b"overlay.redirect", b"/" + content.payload))
+                    x.filt = self._overlay_bits
+        elif self.dir_idx is not None:
+            self.dir_idx[node] = idx  # type: ignore[index]
         if stat.xattrs:
             for name, value in sorted(stat.xattrs.items()):
                 if name.startswith(F.XATTR_OVERLAY_PREFIX):
@@ -275,13 +440,13 @@ class _Collector:
             elif t is Symlink:
                 tail = len(content.target)
             elif t in _CHUNKED and content.size > 0:
-                count = F.chunk_count(content.size)
+                count = (F.chunk_count if self.c is None else c_chunk_count)(content.size)
                 if count > F.LCFS_MAX_NONINLINE_CHUNKS:
                     raise ErofsError("cannot write file: File too large")
                 tail = 4 * count
         elif t is Inline:
             tail = len(content.data)
-        elif t is External:
+        elif t is External or (t is Redirect and content.digest):
             tail = 4
         idx = self._push(leaf, _LEAF_FT[t])
         ino = self.ino
@@ -290,6 +455,13 @@ class _Collector:
         ino.tail[idx] = tail
         if nlink > 1:
             self.hardlinks[leaf] = idx
+        c = self.c
+        if c is not None:
+            given = c.nlink.get(leaf)
+            if given is not None:
+                ino.nlink[idx] = given
+            if leaf in c.wide:
+                ino.wide.add(idx)
         return idx
 
     def _finish_dir(self, me: int, parent: int, names: list[bytes], kids: list[int],
@@ -323,19 +495,30 @@ class _Collector:
         hardlinks = self.hardlinks
         stubs = self.stubs
         v1 = self.version == 1
+        dir_idx = self.dir_idx
         queue = deque([(root, root_idx, root_idx)])
-        deferred: list[tuple[int, int, Leaf]] = []
+        deferred: list[tuple[int, int, Leaf | Directory]] = []
         while queue:
             d, parent, me = queue.popleft()
             names = self._sorted_names(d)
             entries = d.entries
+            dlinks = self.c.dir_links.get(d, {}) if dir_idx is not None else {}  # type: ignore[union-attr]
             kids: list[int] = []
-            later: list[tuple[int, Leaf]] = []
+            later: list[tuple[int, Leaf | Directory]] = []
             has_wh = False
             nsub = 0
             for name in names:
                 child = entries.get(name)
-                if child is None:       # a whiteout stub: stays a native whiteout
+                if child is None:
+                    target = dlinks.get(name)
+                    if target is not None:      # a C hardlink to a directory
+                        cidx = dir_idx.get(target)  # type: ignore[union-attr]
+                        if cidx is None:
+                            later.append((len(kids), target))
+                            cidx = 0
+                        kids.append(cidx)
+                        continue
+                    # a whiteout stub: stays a native whiteout
                     kids.append(self.collect_leaf(stubs[name], 1))
                     continue
                 if type(child) is Directory:
@@ -346,7 +529,7 @@ class _Collector:
                     continue
                 leaf: Leaf = child  # type: ignore[assignment]
                 m = leaf.mark
-                if m == 1 or first[leaf] is d:
+                if m == 1 or first[leaf] == (d, name):
                     cidx = self.collect_leaf(leaf, m)  # type: ignore[arg-type]
                     c = leaf.content
                     # The 256 stubs are added after escaping in C, so only they stay
@@ -375,8 +558,9 @@ class _Collector:
             for i, leaf in later:
                 j = i + (i >= p1)
                 deferred.append((me, j + (j >= p2), leaf))
-        for me, k, leaf in deferred:
-            ino.dirents[me][1][k] = hardlinks[leaf]
+        for me, k, node in deferred:
+            ino.dirents[me][1][k] = (dir_idx[node] if type(node) is Directory  # type: ignore[index]
+                                     else hardlinks[node])  # type: ignore[index]
 
     def collect_dfs(self) -> None:
         """V2 inode order: pre-order DFS, children in name order."""
@@ -408,8 +592,11 @@ def _full_key(x: Xattr) -> tuple[bytes, int, bytes]:
     return (F.XATTR_PREFIXES[x[0]] + x[1], len(x[2]), x[2])
 
 
-def _share_xattrs(ino: Inodes, epoch1: bool) -> list[Xattr]:
-    """Move xattrs used by more than one inode to the shared table (storage.md 8.7)."""
+def _share_xattrs(ino: Inodes, epoch1: bool, cap: int | None = None) -> list[Xattr]:
+    """Move xattrs used by more than one inode to the shared table (storage.md 8.7).
+
+    With ``cap`` (C) an inode refers to at most that many shared entries; the rest of its
+    xattrs stay local even if they are in the table."""
     counts: Counter = Counter()
     with_x = [x for x in ino.xattrs.values() if x.local]
     for x in with_x:
@@ -429,7 +616,7 @@ def _share_xattrs(ino: Inodes, epoch1: bool) -> list[Xattr]:
         refs = []
         for e in x.local:
             i = index.get(e)
-            if i is None:
+            if i is None or (cap is not None and len(refs) >= cap):
                 local.append(e)
             else:
                 refs.append(i)
@@ -450,10 +637,13 @@ def write_image_to(fs: FileSystem, version: int, sink: Callable[[bytes], object]
     """Stream the composefs EROFS image of ``fs`` to ``sink`` in chunks, front to back."""
     if version not in (0, 1, 2):
         raise ErofsError(f"unsupported composefs format version {version}")
+    c = _facts(fs)
     with paused_gc():
+        if c is not None and version < 2:
+            check_c_tree(fs, version)  # type: ignore[arg-type]
         with leaf_marks(fs):
             col = _Collector(fs, version)
-            col.prepare(_count_links(fs))
+            col.prepare(_count_links(fs, c is not None))
             if col.epoch1:
                 col.collect_bfs()
             else:
@@ -468,7 +658,14 @@ def write_image_to(fs: FileSystem, version: int, sink: Callable[[bytes], object]
                 if any((e[0] == 2 or e[0] == 3) and not e[1] for e in x.local):
                     flags = F.COMPOSEFS_FLAGS_HAS_ACL
                     break
-        shared = _share_xattrs(ino, col.epoch1)
-        min_mtime = min((node.stat.st_mtim_sec & _MASK64, node.stat.st_mtim_nsec)
-                        for node in ino.obj)
+        if c is not None and col.epoch1:
+            shared = _share_xattrs(ino, True, C_SHARED_XATTRS_MAX)
+            # C compares seconds as signed (composefs-rs as unsigned)
+            sec, nsec = min((node.stat.st_mtim_sec, node.stat.st_mtim_nsec)
+                            for node in ino.obj)
+            min_mtime = (sec & _MASK64, nsec)
+        else:
+            shared = _share_xattrs(ino, col.epoch1)
+            min_mtime = min((node.stat.st_mtim_sec & _MASK64, node.stat.st_mtim_nsec)
+                            for node in ino.obj)
         emit_image(ino, shared, version, flags, min_mtime, sink)
