@@ -1,12 +1,12 @@
-"""An independent oci-delta applier for the tests, written from delta.md alone.
+"""An independent oci-delta applier for the tests, written from docs/delta.md alone.
 
 It shares no code with cfsd (nor with tests/deltatools.py): the archive is read with
 ``tarfile``, the documents with ``json``, tar-diff streams are decoded op by op with every
-rule of delta.md 2 checked, and the source is the merged root filesystem of the old image
+rule of docs/delta.md checked, and the source is the merged root filesystem of the old image
 computed here from the old image's layer tars (whiteouts, opaque directories, every entry
 type hiding earlier paths, hardlinks sharing content).
 
-``apply_artifact(archive, old_layers, stored)`` checks the whole artifact (delta.md 1 and
+``apply_artifact(archive, old_layers, stored)`` checks the whole artifact (docs/delta.md and
 3.6) and returns the target manifest, config and every layer tar, each checked against its
 diff_id.  Any deviation raises :class:`SpecError`.
 """
@@ -37,7 +37,7 @@ MAX_DICT = 512 << 20
 
 
 class SpecError(Exception):
-    """The artifact or a tar-diff does not follow delta.md."""
+    """The artifact or a tar-diff does not follow docs/delta.md."""
 
 
 def sha256(data: bytes) -> str:
@@ -145,7 +145,7 @@ class _Ops:
 
 
 def canonical(name: str) -> bool:
-    """A producer-normalized relative path (delta.md 2.5)."""
+    """A producer-normalized relative path (docs/delta.md)."""
     return bool(name) and not name.startswith("/") and "\0" not in name and all(
         c not in ("", ".", "..") for c in name.split("/"))
 
@@ -158,7 +158,7 @@ class Decoded:
 
 
 def decode_tardiff(delta: bytes, files: dict[str, bytes]) -> Decoded:
-    """Apply one tar-diff to *files* (the merged old rootfs) following delta.md 2."""
+    """Apply one tar-diff to *files* (the merged old rootfs) following docs/delta.md"""
     header = delta[:8]
     if header == b"tardf1\n\0":
         v2 = False
@@ -252,7 +252,7 @@ def _blob(files: dict[str, bytes], desc: dict[str, Any]) -> bytes:
 
 
 def decompress(blob: bytes) -> bytes:
-    """A layer shipped whole: gzip, zstd or plain tar, by magic bytes (delta.md 1.5)."""
+    """A layer shipped whole: gzip, zstd or plain tar, by magic bytes (docs/delta.md)."""
     if blob[:2] == b"\x1f\x8b":
         return gzip.decompress(blob)
     if blob[:4] == b"\x28\xb5\x2f\xfd":

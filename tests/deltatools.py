@@ -6,7 +6,7 @@
   files, bsdiff control triples (``bsdiff4``) as ADD_DATA/DATA/SEEK, block-wise SEEK+COPY for
   large same-size files, and (v2) ZSTD_DICT frames made by the real ``zstd --patch-from``;
   a reference decoder checks every patch before it is used;
-* oci-delta artifacts assembled as delta.md 1 describes (layout, archive, registry push),
+* oci-delta artifacts assembled as docs/delta.md describes (layout, archive, registry push),
   optionally with a cosign simple-signing signature.
 """
 

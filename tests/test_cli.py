@@ -1,4 +1,4 @@
-"""cfsctl output formats and exit codes (spec/cli.md), through a running daemon."""
+"""cfsctl output formats and exit codes (upstream cfsctl's), through a running daemon."""
 
 from __future__ import annotations
 

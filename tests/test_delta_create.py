@@ -313,7 +313,7 @@ def test_artifact_layout_and_manifest(pair: Pair, deltas: dict[str, Path]) -> No
     blob = "blobs/sha256/"
     carried = [d for d in m["layers"] if d["annotations"][
         "io.github.containers.delta.content"] == "image-layer"]
-    # the Go creator's order (delta.md 1.2)
+    # the Go creator's order (docs/delta.md)
     assert names == ["oci-layout", "blobs", "blobs/sha256", blob + pair.new.digest[7:],
                      blob + pair.new.config_digest[7:],
                      *[blob + d["digest"][7:] for d in carried],

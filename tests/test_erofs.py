@@ -239,7 +239,7 @@ def test_rs_pins_from_code(name, version):
 
 
 def test_v2_simple_layout_snapshot():
-    """storage.md 8.12: structure of the V2 image of the ``simple`` tree."""
+    """Structure of the V2 image of the ``simple`` tree."""
     img = write_image(rs_tree("simple"), 2)
     assert len(img) == 4096
     magic, version, flags, cfs_version = struct.unpack_from("<IIII", img, 0)
@@ -690,7 +690,7 @@ def trees(draw, v2: bool = False, sha512: bool = False) -> FileSystem:
 
 def _in_rs_domain(fs: FileSystem) -> bool:
     """Trees the composefs-rs dumpfile parser reproduces exactly (its writer prints a digest
-    for ExternalNoVerity, so that distinction is lost; storage.md 11.10)."""
+    for ExternalNoVerity, so that distinction is lost; docs/images.md)."""
     for leaf in fs.nlinks():
         c = leaf.content
         if type(c) is ExternalNoVerity:

@@ -1,4 +1,4 @@
-"""Reading directory trees (cfsd.core.fsread, storage.md 6.5) and C mkcomposefs semantics
+"""Reading directory trees (cfsd.core.fsread, docs/images.md) and C mkcomposefs semantics
 (cfsd.core.mkcomposefs), in process."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """create-image, compute-id, create-dumpfile, image-objects and dump-files through the real
-daemon and cfsctl: the upstream CLI acceptance tests (spec/cli.md 12) that concern them,
+daemon and cfsctl: the upstream CLI acceptance tests (composefs-rs's) that concern them,
 plus authorization and failure atomicity."""
 
 from __future__ import annotations

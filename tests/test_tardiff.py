@@ -1,4 +1,4 @@
-"""tar-diff v1/v2: spec vectors (delta.md 7, golden.md 10), hostile inputs, interop with the
+"""tar-diff v1/v2: spec vectors (docs/delta.md, golden.md 10), hostile inputs, interop with the
 zstd CLI, encoder round trips checked by the applier and by an independent reference decoder,
 rollsum against a literal port of the spec recurrence, and decoder fuzzing."""
 
@@ -442,7 +442,7 @@ def test_add_bytes(a: bytes, data: st.DataObject) -> None:
 
 
 def slow_rollsum(data: bytes) -> list[tuple[int, int, int]]:
-    """Literal port of delta.md 5.6."""
+    """Literal port of docs/delta.md"""
     import zlib
     blobs, start, size = [], 0, 0
     for i, ch in enumerate(data):
@@ -521,7 +521,7 @@ def ref_ops(delta: bytes) -> list[tuple[int, bytes | int]]:
 
 
 def ref_apply(delta: bytes, files: dict[str, bytes]) -> bytes:
-    """A tiny tar-diff decoder written from delta.md 2 alone."""
+    """A tiny tar-diff decoder written from docs/delta.md alone."""
     out = bytearray()
     cur = b""
     pos = 0

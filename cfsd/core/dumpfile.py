@@ -1,4 +1,4 @@
-"""The composefs dumpfile text format (composefs-dump(5), storage.md section 7).
+"""The composefs dumpfile text format (composefs-dump(5), docs/images.md).
 
 * :func:`write_dumpfile` - the composefs-rs writer (``write_dumpfile``, 7.2).
 * :func:`parse_dumpfile` - the composefs-rs parser rules (7.3; 512-byte inline limit,

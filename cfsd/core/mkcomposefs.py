@@ -13,7 +13,7 @@
   too many xattrs once the overlay ones are added, hardlink cycles) come from
   :func:`build_image`, after the version check, as in C.
 * Version: ``--min-version``/``--max-version`` with C defaults and the whiteout auto-bump
-  (storage.md 8.2, :func:`select_c_version`).
+  (docs/images.md, :func:`select_c_version`).
 * Digest store: the content of every non-inline file is copied to ``DIR/XX/DIGEST`` (the
   flat C layout) unless that name exists, through a temporary file renamed into place,
   mode 0644, fs-verity enabled where the filesystem supports it.

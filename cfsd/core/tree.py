@@ -1,4 +1,4 @@
-"""The composefs filesystem tree model (storage.md section 6).
+"""The composefs filesystem tree model (docs/images.md).
 
 A :class:`FileSystem` is a root :class:`Directory` plus a table of :class:`Leaf` objects.
 Directory entries map a name (``bytes``) to either a sub-:class:`Directory` or a
@@ -542,7 +542,7 @@ IMPLICIT_DIRECTORY = Stat(0o755, 0, 0, 0, 0, {})
 
 
 def apply_layer_entry(fs: FileSystem, path: bytes, stat: Stat, item: LayerItem) -> None:
-    """Apply one layer entry to ``fs`` (``process_entry``, storage.md 6.3).
+    """Apply one layer entry to ``fs`` (``process_entry``, docs/images.md).
 
     ``path`` is the absolute entry path (``make_absolute_path`` output; the root is ``b""``
     or ``b"/"``).  Whiteouts (``.wh.NAME``, ``.wh..wh..opq``) delete instead of inserting;
@@ -613,7 +613,7 @@ def canonicalize_run(fs: FileSystem) -> None:
 
 def transform_for_oci(fs: FileSystem,
                       xattr_mode: XattrFiltering | str = XattrFiltering.ALLOWLIST_ONLY) -> None:
-    """Normalize a merged OCI tree in place (storage.md 6.4).
+    """Normalize a merged OCI tree in place (docs/images.md).
 
     Copies root metadata from ``/usr`` (error if missing), empties ``/run``, filters
     xattrs (``allowlist-only`` keeps ``security.capability``; ``keep-user-xattrs`` also

@@ -1,4 +1,4 @@
-"""Pulling an image into the repository (pull.md), verifying every byte on every transport.
+"""Pulling an image into the repository (docs/pull.md), verifying every byte on every transport.
 
 ``pull()`` is a generator: it yields progress events (dicts shaped like the varlink Pull
 frames: ``started``/``progress``/``skipped``/``done``/``message``) and returns a

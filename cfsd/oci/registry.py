@@ -1,4 +1,4 @@
-"""A registry client over httpx: manifests and streaming blobs (pull.md 15).
+"""A registry client over httpx: manifests and streaming blobs (docs/pull.md).
 
 Anonymous, bearer-token and basic authentication; credentials passed in or read from
 containers auth files; retries with backoff on transient failures; blob downloads follow

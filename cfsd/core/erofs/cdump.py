@@ -1,5 +1,5 @@
 """C composefs dumpfile compatibility: ``mkcomposefs --from-file`` parsing and
-``composefs-info dump`` printing (storage.md 7.4, 7.5).
+``composefs-info dump`` printing (docs/images.md).
 
 Parsing (:func:`parse_dumpfile_c`) follows the C rules: 5000-byte inline limit, optional
 strict mode (``CFS_PARSE_STRICT``), missing trailing fields read as empty strings, forward

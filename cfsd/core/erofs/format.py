@@ -1,4 +1,4 @@
-"""On-disk constants and small helpers of the composefs EROFS format (storage.md 8.3)."""
+"""On-disk constants and small helpers of the composefs EROFS format (docs/images.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Layout and emission of composefs EROFS images (storage.md 8.8-8.9).
+"""Layout and emission of composefs EROFS images (docs/images.md).
 
 The writer (:mod:`cfsd.core.erofs.writer`) fills an :class:`Inodes` table: one row per
 inode, in inode index order, kept as columns (arrays of machine integers, not an object

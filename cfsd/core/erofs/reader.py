@@ -1,4 +1,4 @@
-"""Composefs EROFS image reader and validation (storage.md 8.11).
+"""Composefs EROFS image reader and validation (docs/images.md).
 
 :class:`Image` parses the header, superblock, inodes, xattrs and directory blocks with
 explicit bounds checks: any malformed image raises :class:`ErofsError` (never

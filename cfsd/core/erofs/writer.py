@@ -1,4 +1,4 @@
-"""Composefs EROFS image writer for format versions V0, V1 and V2 (storage.md 8.4-8.10).
+"""Composefs EROFS image writer for format versions V0, V1 and V2 (docs/images.md).
 
 ``write_image(fs, version)`` is a pure function of the tree and the version.  V0/V1
 ("Epoch1") follow C mkcomposefs byte for byte (BFS inode order, compact inodes, 256
@@ -212,7 +212,7 @@ def select_c_version(fs: FileSystem, min_version: int | None = None,
 
     No option given: min 0, max 1.  One option given: the other defaults to 0.  max is
     raised to min; versions above 1 are invalid.  With ``min < 1 <= max`` the version is
-    bumped to 1 iff the tree contains a whiteout (storage.md 8.2).
+    bumped to 1 iff the tree contains a whiteout (docs/images.md).
     """
     if min_version is None and max_version is None:
         lo, hi = LCFS_DEFAULT_VERSION_MIN, LCFS_DEFAULT_VERSION_MAX
@@ -593,7 +593,7 @@ def _full_key(x: Xattr) -> tuple[bytes, int, bytes]:
 
 
 def _share_xattrs(ino: Inodes, epoch1: bool, cap: int | None = None) -> list[Xattr]:
-    """Move xattrs used by more than one inode to the shared table (storage.md 8.7).
+    """Move xattrs used by more than one inode to the shared table (docs/images.md).
 
     With ``cap`` (C) an inode refers to at most that many shared entries; the rest of its
     xattrs stay local even if they are in the table."""
