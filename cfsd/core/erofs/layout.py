@@ -224,117 +224,223 @@ def _dirent_bytes(names: list[bytes], kids: array, lo: int, hi: int, pos: array,
     return b"".join(heads) + b"".join(names[lo:hi])
 
 
-def emit_image(ino: Inodes, shared: list[Xattr], version: int, flags: int,
-               min_mtime: tuple[int, int], sink: Callable[[bytes], object]) -> None:
-    """Lay out the image and stream its bytes to *sink*."""
-    epoch1 = version < 2
-    if epoch1:
-        _fixup_epoch1(ino, min_mtime)
-    n = len(ino)
-    objs = ino.obj
-    fts = ino.ft
-    nlinks = ino.nlink
-    nblocks = ino.n_blocks
-    tails = ino.tail
-    escaped_flags = ino.flags
-    xattrs = ino.xattrs
-    pos_of = array("Q", bytes(8 * n))
-    extended = bytearray(n)          # 1: 64-byte extended inode
-    layout_of = bytearray(n)
+class _Plan:
+    """Where everything goes: inode positions and header sizes, data blocks, the end."""
 
-    # ---------------------------------------------------------------- pass 1: layout
-    min_sec, min_nsec = min_mtime
-    wide = ino.wide
-    pos = F.SUPERBLOCK_END
-    for idx in range(n):
-        ft = fts[idx]
-        tail = tails[idx]
-        if ft == _FT_DIR:
-            size = B * nblocks[idx] + tail
-            layout = _INLINE if tail else _PLAIN
-            inline_len = tail
-            st = objs[idx].stat
-        else:
-            leaf = objs[idx]
-            st = leaf.stat
-            c = leaf.content
-            t = type(c)
-            esc = escaped_flags[idx] & ESCAPED
-            size = _leaf_size(c, esc)
-            if esc:
-                layout = _PLAIN
-                inline_len = 0
-            elif t is Inline:
-                layout = _PLAIN if size == 0 or (nblocks[idx] and not tail) else _INLINE
-                inline_len = tail
-            elif t is Symlink:
-                if nblocks[idx]:
-                    layout = _PLAIN
-                    inline_len = 0
-                else:
-                    layout = _INLINE
-                    inline_len = size
-            elif ft == _FT_REG:
-                layout = _CHUNK
-                inline_len = tail
-            else:
-                layout = _PLAIN
-                inline_len = 0
-        xs = ino.xattr_size(idx) if idx in xattrs else 0
-        hs = 32 if (epoch1 and st.st_mtim_nsec == min_nsec and (st.st_mtim_sec & _MASK64) == min_sec
-                    and nlinks[idx] <= 0xFFFF and st.st_uid <= 0xFFFF and st.st_gid <= 0xFFFF
-                    and size <= 0xFFFFFFFF and idx not in wide) else 64
-        pos = (pos + 31) & ~31
-        if epoch1:
-            if layout == _PLAIN and ft == _FT_LNK:
-                if pos // B != (pos + hs + xs + size - 1) // B and pos % B:
-                    pos = (pos + B - 1) & ~(B - 1)
-            elif layout == _CHUNK:
-                if tail:
-                    r = (pos + hs + xs) % B
-                    if r and B - r < tail:
-                        pos += (B - r + 31) & ~31
-                elif nblocks[idx] and pos % B:
-                    pos = (pos + B - 1) & ~(B - 1)
-            if layout == _INLINE:
-                inl = size % B
-                if ft == _FT_LNK:
-                    if pos % B and pos % B + hs + xs + inl > B:
-                        pos = (pos + B - 1) & ~(B - 1)
-                else:
-                    r = (pos + hs + xs) % B
-                    if r and B - r < inl:
-                        pos += (B - r + 31) & ~31
-        elif layout == _INLINE:
+    __slots__ = ("pos_of", "extended", "layout_of", "inodes_end", "shared_off", "blk_of",
+                 "end")
+
+    def __init__(self, n: int) -> None:
+        self.pos_of = array("Q", bytes(8 * n))
+        self.extended = bytearray(n)          # 1: 64-byte extended inode
+        self.layout_of = bytearray(n)
+        self.inodes_end = 0
+        self.shared_off: list[int] = []
+        self.blk_of: dict[int, int] = {}
+        self.end = 0
+
+
+def _shape(ino: Inodes, idx: int) -> tuple[object, int, int, int]:
+    """(stat, i_size, data layout, inline byte count) of inode *idx*."""
+    ft = ino.ft[idx]
+    tail = ino.tail[idx]
+    node = ino.obj[idx]
+    if ft == _FT_DIR:
+        return node.stat, B * ino.n_blocks[idx] + tail, _INLINE if tail else _PLAIN, tail
+    c = node.content  # type: ignore[union-attr]
+    t = type(c)
+    esc = ino.flags[idx] & ESCAPED
+    size = _leaf_size(c, esc)
+    if esc:
+        return node.stat, size, _PLAIN, 0
+    if t is Inline:
+        plain = size == 0 or (ino.n_blocks[idx] and not tail)
+        return node.stat, size, _PLAIN if plain else _INLINE, tail
+    if t is Symlink:
+        if ino.n_blocks[idx]:
+            return node.stat, size, _PLAIN, 0
+        return node.stat, size, _INLINE, size
+    if ft == _FT_REG:
+        return node.stat, size, _CHUNK, tail
+    return node.stat, size, _PLAIN, 0
+
+
+def _align(pos: int, layout: int, ft: int, hs: int, xs: int, size: int, tail: int, nb: int,
+           epoch1: bool) -> int:
+    """The position of an inode that could start at *pos*: 32-byte slots, and inline data
+    kept within one block (C's rules for V0/V1, composefs-rs's for V2)."""
+    pos = (pos + 31) & ~31
+    if not epoch1:
+        if layout == _INLINE:
             s = pos + hs + xs
             if (s - 1) // B != (s + size % B) // B:
                 pos += B - (s - 1) % B
                 pos = (pos + 31) & ~31
-        pos_of[idx] = pos
-        extended[idx] = hs == 64
-        layout_of[idx] = layout
+        return pos
+    if layout == _PLAIN and ft == _FT_LNK:
+        if pos // B != (pos + hs + xs + size - 1) // B and pos % B:
+            pos = (pos + B - 1) & ~(B - 1)
+    elif layout == _CHUNK:
+        if tail:
+            r = (pos + hs + xs) % B
+            if r and B - r < tail:
+                pos += (B - r + 31) & ~31
+        elif nb and pos % B:
+            pos = (pos + B - 1) & ~(B - 1)
+    if layout == _INLINE:
+        inl = size % B
+        if ft == _FT_LNK:
+            if pos % B and pos % B + hs + xs + inl > B:
+                pos = (pos + B - 1) & ~(B - 1)
+        else:
+            r = (pos + hs + xs) % B
+            if r and B - r < inl:
+                pos += (B - r + 31) & ~31
+    return pos
+
+
+def _plan(ino: Inodes, shared: list[Xattr], epoch1: bool, min_mtime: tuple[int, int]
+          ) -> _Plan:
+    """Pass 1: every offset of the image."""
+    n = len(ino)
+    plan = _Plan(n)
+    min_sec, min_nsec = min_mtime
+    nlinks = ino.nlink
+    xattrs = ino.xattrs
+    wide = ino.wide
+    pos = F.SUPERBLOCK_END
+    for idx in range(n):
+        st, size, layout, inline_len = _shape(ino, idx)
+        xs = ino.xattr_size(idx) if idx in xattrs else 0
+        hs = 32 if (epoch1 and st.st_mtim_nsec == min_nsec  # type: ignore[attr-defined]
+                    and (st.st_mtim_sec & _MASK64) == min_sec  # type: ignore[attr-defined]
+                    and nlinks[idx] <= 0xFFFF and st.st_uid <= 0xFFFF  # type: ignore[attr-defined]
+                    and st.st_gid <= 0xFFFF and size <= 0xFFFFFFFF  # type: ignore[attr-defined]
+                    and idx not in wide) else 64
+        pos = _align(pos, layout, ino.ft[idx], hs, xs, size, ino.tail[idx], ino.n_blocks[idx],
+                     epoch1)
+        plan.pos_of[idx] = pos
+        plan.extended[idx] = hs == 64
+        plan.layout_of[idx] = layout
         pos += hs + xs + inline_len
-    inodes_end = (pos + 31) & ~31
-    pos = inodes_end
-    shared_off = []
+    plan.inodes_end = pos = (pos + 31) & ~31
     for _i, s, v in shared:
-        shared_off.append(pos)
+        plan.shared_off.append(pos)
         pos += (4 + len(s) + len(v) + 3) & ~3
     pos = (pos + B - 1) & ~(B - 1)
-    blk_of: dict[int, int] = {}
     for idx in range(n):
-        nb = nblocks[idx]
+        nb = ino.n_blocks[idx]
         if nb:
-            blk_of[idx] = pos
-            if fts[idx] == _FT_DIR or type(objs[idx].content) is Inline:
+            plan.blk_of[idx] = pos
+            if ino.ft[idx] == _FT_DIR or type(ino.obj[idx].content) is Inline:  # type: ignore[union-attr]
                 pos += B * nb
             else:  # promoted symlink target or chunk index: one block
                 pos += B
-    end = pos
-    if end // B > 0xFFFFFFFF:
+    plan.end = pos
+    if pos // B > 0xFFFFFFFF:
         raise ErofsError("image too large")
+    return plan
 
-    # ---------------------------------------------------------------- pass 2: emit
+
+def _u_field(ino: Inodes, idx: int, plan: _Plan, size: int, epoch1: bool) -> int:
+    """The inode's union field: first data block, chunk format, or device number."""
+    nb = ino.n_blocks[idx]
+    ft = ino.ft[idx]
+    if ft == _FT_DIR:
+        return plan.blk_of[idx] // B if nb else 0
+    if ino.flags[idx] & ESCAPED:
+        return 0
+    if plan.layout_of[idx] == _CHUNK:
+        u = F.chunk_bits(size) - F.BLOCK_BITS if epoch1 else 31
+        if nb:
+            u |= (plan.blk_of[idx] // B) & 0xFFFF0000
+        return u
+    if nb:
+        return plan.blk_of[idx] // B
+    if ft == _FT_CHR or ft == _FT_BLK:
+        u = ino.obj[idx].content.rdev  # type: ignore[union-attr]
+        if u > 0xFFFFFFFF:
+            raise ErofsError(f"device number {u} exceeds EROFS u32 limit")
+        return u
+    return 0
+
+
+def _inode_bytes(ino: Inodes, idx: int, plan: _Plan, shared_ref: list[int],
+                 epoch1: bool) -> bytes:
+    """Pass 2, one inode: its header, xattrs and inline data."""
+    st, size, layout, _inline = _shape(ino, idx)
+    ft = ino.ft[idx]
+    u = _u_field(ino, idx, plan, size, epoch1)
+    mode = _FT_MODE[ft] | (st.st_mode & 0o7777)  # type: ignore[attr-defined]
+    x = ino.xattrs.get(idx)
+    xs = x.size() if x is not None and x.filt else 0
+    icount = 0 if xs == 0 else 1 + (xs - 12) // 4
+    if icount > 0xFFFF:
+        raise ErofsError("too many xattrs on one inode")
+    nlink = ino.nlink[idx]
+    uid, gid = st.st_uid, st.st_gid  # type: ignore[attr-defined]
+    if not plan.extended[idx]:
+        parts = [_compact(layout, icount, mode, nlink, size, 0, u, idx, uid, gid)]
+    else:
+        if uid > 0xFFFFFFFF or gid > 0xFFFFFFFF or nlink > 0xFFFFFFFF:
+            raise ErofsError("uid, gid or nlink out of range")
+        parts = [_extended(layout | 1, icount, mode, 0, size & _MASK64, u,
+                           idx if epoch1 else plan.pos_of[idx] // 32, uid, gid,
+                           st.st_mtim_sec & _MASK64,  # type: ignore[attr-defined]
+                           st.st_mtim_nsec if epoch1 else 0, nlink)]  # type: ignore[attr-defined]
+    if xs:
+        parts.append(_xattr_bytes(x, shared_ref))  # type: ignore[arg-type]
+    tail = ino.tail[idx]
+    if ft == _FT_DIR:
+        if tail:
+            names, kids = ino.dirents[idx]
+            lo = dirent_runs(names)[0][-1]
+            parts.append(_dirent_bytes(names, kids, lo, len(names), plan.pos_of, ino.ft))
+    elif not ino.flags[idx] & ESCAPED:
+        c = ino.obj[idx].content  # type: ignore[union-attr]
+        t = type(c)
+        if t is Inline:
+            if tail:
+                parts.append(c.data[len(c.data) - tail:])
+        elif t is Symlink:
+            if not ino.n_blocks[idx]:
+                parts.append(c.target)
+        elif layout == _CHUNK and tail:
+            parts.append(b"\xff" * tail)
+    return b"".join(parts)
+
+
+def _emit_blocks(out: _Out, ino: Inodes, plan: _Plan) -> None:
+    """Pass 2, the data area: directory blocks, inline files' full blocks, promoted
+    symlink targets and chunk indexes."""
+    for idx, q in plan.blk_of.items():
+        out.at(q)
+        nb = ino.n_blocks[idx]
+        if ino.ft[idx] == _FT_DIR:
+            names, kids = ino.dirents[idx]
+            bounds = dirent_runs(names)[0]
+            for k in range(nb):
+                out.at(q + k * B)
+                out.buf += _dirent_bytes(names, kids, bounds[k], bounds[k + 1], plan.pos_of,
+                                         ino.ft)
+            continue
+        c = ino.obj[idx].content  # type: ignore[union-attr]
+        if type(c) is Inline:
+            out.buf += c.data[:nb * B]
+        elif type(c) is Symlink:
+            out.buf += c.target[:B]
+        else:
+            out.buf += b"\xff" * B
+
+
+def emit_image(ino: Inodes, shared: list[Xattr], version: int, flags: int,
+               min_mtime: tuple[int, int], sink: Callable[[bytes], object]) -> None:
+    """Lay out the image and stream its bytes to *sink*, front to back."""
+    epoch1 = version < 2
+    if epoch1:
+        _fixup_epoch1(ino, min_mtime)
+    plan = _plan(ino, shared, epoch1, min_mtime)
+    n = len(ino)
     out = _Out(sink)
     out.buf += F.HEADER.pack(F.COMPOSEFS_MAGIC, F.COMPOSEFS_HEADER_VERSION, flags, version)
     build_time, build_nsec = min_mtime if epoch1 else (0, 0)
@@ -342,106 +448,20 @@ def emit_image(ino: Inodes, shared: list[Xattr], version: int, flags: int,
     out.buf += F.SUPERBLOCK.pack(
         F.EROFS_MAGIC, 0,
         F.FEATURE_COMPAT_MTIME | F.FEATURE_COMPAT_XATTR_FILTER, F.BLOCK_BITS, 0,
-        (pos_of[0] // 32) & 0xFFFF, n, build_time, build_nsec, end // B, 0,
-        inodes_end // B if epoch1 else 0, b"", b"", 0, 0, 0, 0, 0, 0, 0, 0, 0)
-
+        (plan.pos_of[0] // 32) & 0xFFFF, n, build_time, build_nsec, plan.end // B, 0,
+        plan.inodes_end // B if epoch1 else 0, b"", b"", 0, 0, 0, 0, 0, 0, 0, 0, 0)
     if epoch1:
-        xbase = inodes_end % B - inodes_end
-        shared_ref = [(o + xbase) >> 2 for o in shared_off]
+        xbase = plan.inodes_end % B - plan.inodes_end
+        shared_ref = [(o + xbase) >> 2 for o in plan.shared_off]
     else:
-        shared_ref = [o >> 2 for o in shared_off]
-
-    buf = out.buf
+        shared_ref = [o >> 2 for o in plan.shared_off]
     for idx in range(n):
-        p = pos_of[idx]
-        out.at(p)
-        buf = out.buf
-        layout = layout_of[idx]
-        ft = fts[idx]
-        node = objs[idx]
-        st = node.stat
-        nb = nblocks[idx]
-        tail = tails[idx]
-        esc = escaped_flags[idx] & ESCAPED
-        if ft == _FT_DIR:
-            c = None
-            size = B * nb + tail
-            u = blk_of[idx] // B if nb else 0
-        else:
-            c = node.content
-            size = _leaf_size(c, esc)
-            if esc:
-                u = 0
-            elif layout == _CHUNK:
-                u = F.chunk_bits(size) - F.BLOCK_BITS if epoch1 else 31
-                if nb:
-                    u |= (blk_of[idx] // B) & 0xFFFF0000
-            elif nb:
-                u = blk_of[idx] // B
-            elif ft == _FT_CHR or ft == _FT_BLK:
-                u = c.rdev
-                if u > 0xFFFFFFFF:
-                    raise ErofsError(f"device number {u} exceeds EROFS u32 limit")
-            else:
-                u = 0
-        mode = _FT_MODE[ft] | (st.st_mode & 0o7777)
-        x = xattrs.get(idx)
-        xs = x.size() if x is not None and x.filt else 0
-        icount = 0 if xs == 0 else 1 + (xs - 12) // 4
-        if icount > 0xFFFF:
-            raise ErofsError("too many xattrs on one inode")
-        nlink = nlinks[idx]
-        if not extended[idx]:
-            buf += _compact(layout, icount, mode, nlink, size, 0, u, idx, st.st_uid, st.st_gid)
-        else:
-            if st.st_uid > 0xFFFFFFFF or st.st_gid > 0xFFFFFFFF or nlink > 0xFFFFFFFF:
-                raise ErofsError("uid, gid or nlink out of range")
-            buf += _extended(layout | 1, icount, mode, 0, size & _MASK64, u,
-                             idx if epoch1 else p // 32, st.st_uid, st.st_gid,
-                             st.st_mtim_sec & _MASK64, st.st_mtim_nsec if epoch1 else 0,
-                             nlink)
-        if xs:
-            buf += _xattr_bytes(x, shared_ref)
-        # inline part
-        if c is None:
-            if tail:
-                names, kids = ino.dirents[idx]
-                lo = dirent_runs(names)[0][-1]
-                buf += _dirent_bytes(names, kids, lo, len(names), pos_of, fts)
-        elif not esc:
-            t = type(c)
-            if t is Inline:
-                if tail:
-                    data = c.data
-                    buf += data[len(data) - tail:]
-            elif t is Symlink:
-                if not nb:
-                    buf += c.target
-            elif layout == _CHUNK and tail:
-                buf += b"\xff" * tail
-
-    out.at(inodes_end)
+        out.at(plan.pos_of[idx])
+        out.buf += _inode_bytes(ino, idx, plan, shared_ref, epoch1)
+    out.at(plan.inodes_end)
     for i, s, v in shared:
         e = _xent(len(s), i, len(v)) + s + v
         out.buf += e + bytes(-len(e) % 4)
-
-    for idx, q in blk_of.items():
-        out.at(q)
-        nb = nblocks[idx]
-        if fts[idx] == _FT_DIR:
-            names, kids = ino.dirents[idx]
-            bounds = dirent_runs(names)[0]
-            for k in range(nb):
-                out.at(q + k * B)
-                out.buf += _dirent_bytes(names, kids, bounds[k], bounds[k + 1], pos_of, fts)
-            continue
-        c = objs[idx].content
-        if type(c) is Inline:
-            out.buf += c.data[:nb * B]
-        elif type(c) is Symlink:
-            out.buf += c.target[:B]
-        else:
-            out.buf += b"\xff" * B
-    out.at(end)
+    _emit_blocks(out, ino, plan)
+    out.at(plan.end)
     out.flush()
-
