@@ -292,6 +292,18 @@ def test_put_layer_relay_and_its_refusals(source: dict[str, Any], shared_daemon:
         reply, _ = p.call(OCI + "FinalizeImage", {**docs, "layers": layers, "name": "copied"})
         assert reply["parameters"]["manifest_digest"] == img.digest
         assert reply["parameters"]["config_digest"] == img.config_digest
+        # more directories than PutLayer takes: FdLimitExceeded, nothing imported
+        extra = [os.dup(dfd) for _ in range(9)]
+        r = piped(stream([head, (b"data", len(body)), tail]))
+        try:
+            reply, _ = p.call(OCI + "PutLayer", {"handle": h, "diff_id": sha256(tar),
+                                                 "zerocopy": False}, [r, *extra])
+        finally:
+            os.close(r)
+            for fd in extra:
+                os.close(fd)
+        assert reply == {"error": OCI + "FdLimitExceeded",
+                         "parameters": {"fd_count": 10, "max_per_frame": 9}}, reply
         # too many fds in flight: a typed error, the connection dropped, the daemon serving
         q = Peer(shared_daemon.sock)
         many = [os.dup(dfd) for _ in range(20)]

@@ -40,6 +40,7 @@ from cfsd.service.state import State
 log = logging.getLogger(__name__)
 
 MAX_PRODUCERS = 16              # GetLayer streams being written at once, service-wide
+MAX_PUT_FDS = 9                 # PutLayer: the stream and at most 8 directories
 _producers = threading.BoundedSemaphore(MAX_PRODUCERS)
 
 
@@ -272,6 +273,9 @@ class LayerTransferMethods:
             if len(call.fds) < 2:
                 raise _err("InvalidRequest", message="PutLayer expects at least 2 fds "
                            f"(the stream and a directory), got {len(call.fds)}")
+            if len(call.fds) > MAX_PUT_FDS:
+                raise _err("FdLimitExceeded", fd_count=len(call.fds),
+                           max_per_frame=MAX_PUT_FDS)
             require_writer(call, h, "import layers")
             repo = h.repo
             dirs = call.fds[1:]
