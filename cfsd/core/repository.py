@@ -581,14 +581,6 @@ class Repository:
         from cfsd.core.splitstream import SplitStreamWriter
         return SplitStreamWriter(self, content_type, staging)
 
-    def write_stream(self, writer: SplitStreamWriter, content_id: str | None,
-                     ref: str | None = None) -> bytes:
-        """Finish *writer*, sync, then publish ``streams/<content_id>`` (and a ref)."""
-        digest = writer.done()
-        if content_id is not None:
-            self.register_stream(content_id, digest, ref)
-        return digest
-
     def register_stream(self, content_id: str, digest: bytes, ref: str | None = None,
                         *, sync: bool = True) -> None:
         """Publish an already-stored splitstream object under its content id.

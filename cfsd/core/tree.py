@@ -133,11 +133,6 @@ class Stat:
         return Stat(self.st_mode, self.st_uid, self.st_gid, self.st_mtim_sec,
                     self.st_mtim_nsec, dict(self.xattrs))
 
-    def sorted_xattrs(self) -> list[tuple[bytes, bytes]]:
-        """The xattrs as ``(name, value)`` pairs in name byte order."""
-        return sorted(self.xattrs.items())
-
-
 @dataclass(frozen=True, slots=True)
 class Inline:
     """A regular file whose content is stored in the image."""

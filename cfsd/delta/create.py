@@ -139,11 +139,6 @@ class CreateResult:
     layers: list[LayerResult]
 
     @property
-    def changed_layer_bytes(self) -> int:
-        """Compressed size of the target layers the delta had to carry."""
-        return sum(r.layer_size for r in self.layers if r.kind != KIND_REUSED)
-
-    @property
     def blob_bytes(self) -> int:
         """Bytes of the layer blobs in the delta (each blob once)."""
         return sum(r.size for r in _distinct(self.layers))

@@ -504,10 +504,3 @@ def apply_tardiff(delta: Reader, source: SourceResolver, out: Writer, *,
     finally:
         applier.close()
 
-
-def apply_tardiff_bytes(delta: bytes, files: Mapping[str, bytes], *,
-                        max_output: int | None = None) -> bytes:
-    """Convenience: apply an in-memory delta against an in-memory source; the output."""
-    out = io.BytesIO()
-    apply_tardiff(io.BytesIO(delta), MappingSource(files), out, max_output=max_output)
-    return out.getvalue()

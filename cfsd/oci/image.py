@@ -9,7 +9,6 @@ diff_id (config order) then ``composefs.image``/``composefs.image.v1``; the mani
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import threading
 import time
@@ -19,7 +18,7 @@ from typing import Any
 
 from cfsd.core.errors import FormatError, InvalidName, NotFound, RepositoryError
 from cfsd.core.repository import Repository
-from cfsd.core.splitstream import OCI_BLOB, OCI_CONFIG, OCI_MANIFEST, TAR_LAYER
+from cfsd.core.splitstream import OCI_CONFIG, OCI_MANIFEST
 from cfsd.oci import mediatypes
 from cfsd.oci.digest import Digest
 from cfsd.oci.documents import ImageConfig, Manifest, parse_config, parse_manifest
@@ -136,15 +135,6 @@ def publish_streams(repo: Repository, streams: list[tuple[str, bytes]]) -> None:
     repo.sync()
     for content_id, verity in streams:
         repo.register_stream(content_id, verity, sync=False)
-
-
-def write_blob_layer(repo: Repository, data: bytes, digest: str) -> bytes:
-    """An artifact blob as ``oci-layer-<digest>`` (content type oci_blob, one object)."""
-    w = repo.create_stream(OCI_BLOB)
-    w.write_external(data)
-    verity = w.done()
-    repo.register_stream(layer_id(digest), verity)
-    return verity
 
 
 def read_external(repo: Repository, verity: bytes, content_type: int,
@@ -398,12 +388,3 @@ def inspect(repo: Repository, image: str) -> dict[str, Any]:
             "composefs_erofs": erofs.hex() if erofs else None,
             "composefs_boot_erofs": None}
 
-
-def layer_content_type(media_type: str) -> int:
-    """Splitstream content type of a manifest layer."""
-    return TAR_LAYER if mediatypes.is_tar_layer(media_type) else OCI_BLOB
-
-
-def manifest_as_json(img: OciImage) -> dict[str, Any]:
-    """The parsed raw manifest (for callers that want fields beyond the model)."""
-    return json.loads(img.manifest_bytes)

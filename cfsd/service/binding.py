@@ -217,13 +217,6 @@ class Call:
         """Credentials of the caller."""
         return self.connection.creds
 
-    def take_fd(self, index: int) -> int:
-        """Take ownership of received fd *index* (the caller must close it)."""
-        if index >= len(self.fds) or self.fds[index] < 0:
-            raise IndexError(index)
-        fd, self.fds[index] = self.fds[index], -1
-        return fd
-
     def close_fds(self) -> None:
         """Close every received fd not taken by the implementation (and unsent reply fds)."""
         for fd in self.reply_fds:

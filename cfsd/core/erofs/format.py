@@ -120,11 +120,6 @@ def filter_bit(idx: int, suffix: bytes) -> int:
     return 1 << (xxhash.xxh32_intdigest(suffix, seed=XATTR_FILTER_SEED + idx) & 31)
 
 
-def xattr_entry_size(suffix: bytes, value: bytes) -> int:
-    """Size of one encoded xattr entry (header + suffix + value, 4-aligned)."""
-    return (4 + len(suffix) + len(value) + 3) & ~3
-
-
 def chunk_bits(size: int) -> int:
     """``compute_chunk_bitsize``: log2 of the chunk size used for a file of ``size`` bytes."""
     if size <= BLOCK_SIZE:

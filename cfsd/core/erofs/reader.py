@@ -275,10 +275,6 @@ class Image:
         v = s + name_len
         return idx, data[s:v], data[v:v + vsize], v + vsize
 
-    def shared_xattr(self, xid: int) -> tuple[int, bytes, bytes]:
-        """The shared xattr with reference ``xid``."""
-        return self._entry_at(self.xattr_start + 4 * xid, len(self.data))[:3]
-
     def all_xattrs(self, ino: Inode) -> list[tuple[int, bytes, bytes]]:
         """Shared xattrs followed by local ones (composefs-rs order)."""
         shared, local = self.xattrs(ino)
