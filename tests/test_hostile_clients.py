@@ -82,9 +82,11 @@ def hostile(world: Path) -> Iterator[tuple[Daemon, Path]]:
     sockdir.mkdir()
     sockdir.chmod(0o755)
     d = Daemon(sockdir, "--socket-mode", "0666")
-    repo, _ = user_repo(world, d, "hostile-home", b"first layer" * 100)
-    yield d, repo          # objects/ and streams/ exist: failures must leave them as they are
-    d.stop()
+    try:
+        repo, _ = user_repo(world, d, "hostile-home", b"first layer" * 100)
+        yield d, repo      # objects/ and streams/ exist: failures must leave them as they are
+    finally:               # a failed setup must not leave the daemon running
+        d.stop()
 
 
 def user_repo(world: Path, d: Daemon, home_name: str, content: bytes) -> tuple[Path, str]:
