@@ -397,6 +397,21 @@ class FileSystem:
             else:
                 stack.pop()
 
+    def leaf_entries(self) -> Iterator[tuple[Directory, bytes, Leaf]]:
+        """Every leaf entry as ``(directory, name, leaf)``: depth first, pre-order, names in
+        byte order (hardlinked leaves once per entry)."""
+        stack: list[tuple[Directory, Iterator[tuple[bytes, Directory | Leaf]]]] = [
+            (self.root, iter(self.root.sorted_entries()))]
+        while stack:
+            d, it = stack[-1]
+            for name, child in it:
+                if type(child) is Directory:
+                    stack.append((child, iter(child.sorted_entries())))
+                    break
+                yield d, name, child  # type: ignore[misc]
+            else:
+                stack.pop()
+
     def depth(self) -> int:
         """Nesting of the deepest directory (the root alone: 0), computed iteratively."""
         deepest = 0

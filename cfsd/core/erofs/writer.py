@@ -169,37 +169,28 @@ def check_c_tree(fs: CFileSystem, version: int) -> None:
             b = budgets[d] = _CXattrSize(d.stat.xattrs)
         return b
 
-    stack = [(fs.root, iter(sorted(fs.root.entries.items())))]
-    while stack:
-        d, it = stack[-1]
-        for name, child in it:
-            if type(child) is Directory:
-                stack.append((child, iter(sorted(child.entries.items()))))
-                break
-            leaf: Leaf = child  # type: ignore[assignment]
-            where = primary.get(leaf)
-            if where is not None and where != (d, name):
-                continue
-            ct = leaf.content
-            t = type(ct)
-            if t in _CHUNKED and ct.size > 0:  # type: ignore[union-attr]
-                if c_chunk_count(ct.size) > F.LCFS_MAX_NONINLINE_CHUNKS:  # type: ignore[union-attr]
-                    raise _c_error(errno.EFBIG)
-                # metacopy and redirect never replace an xattr: they cannot overflow
-            elif t is CharacterDevice and ct.rdev == 0:  # type: ignore[union-attr]
-                if leaf.stat.xattrs:     # without xattrs nothing is replaced
-                    b = _CXattrSize(leaf.stat.xattrs)
-                    b.set(F.XATTR_OVERLAY_WHITEOUT, 0)
-                    b.set(F.XATTR_USERXATTR_WHITEOUT, 0)
-                if d.stat.xattrs:
-                    b = budget(d)
-                    b.set(F.XATTR_OVERLAY_WHITEOUTS, 0)
-                    b.set(F.XATTR_USERXATTR_WHITEOUTS, 0)
-                    if version >= 1:
-                        b.set(F.XATTR_OVERLAY_OPAQUE, 1)
-                        b.set(F.XATTR_USERXATTR_OPAQUE, 1)
-        else:
-            stack.pop()
+    for d, name, leaf in fs.leaf_entries():
+        where = primary.get(leaf)
+        if where is not None and where != (d, name):
+            continue
+        ct = leaf.content
+        t = type(ct)
+        if t in _CHUNKED and ct.size > 0:  # type: ignore[union-attr]
+            if c_chunk_count(ct.size) > F.LCFS_MAX_NONINLINE_CHUNKS:  # type: ignore[union-attr]
+                raise _c_error(errno.EFBIG)
+            # metacopy and redirect never replace an xattr: they cannot overflow
+        elif t is CharacterDevice and ct.rdev == 0:  # type: ignore[union-attr]
+            if leaf.stat.xattrs:     # without xattrs nothing is replaced
+                b = _CXattrSize(leaf.stat.xattrs)
+                b.set(F.XATTR_OVERLAY_WHITEOUT, 0)
+                b.set(F.XATTR_USERXATTR_WHITEOUT, 0)
+            if d.stat.xattrs:
+                b = budget(d)
+                b.set(F.XATTR_OVERLAY_WHITEOUTS, 0)
+                b.set(F.XATTR_USERXATTR_WHITEOUTS, 0)
+                if version >= 1:
+                    b.set(F.XATTR_OVERLAY_OPAQUE, 1)
+                    b.set(F.XATTR_USERXATTR_OPAQUE, 1)
     if fs.root.stat.xattrs:
         budget(fs.root).set(F.XATTR_OVERLAY_OPAQUE_ROOT, 1)
     if c.loops:
@@ -339,17 +330,9 @@ class _Collector:
         if not hardlinked:
             return
         first = self.first_dir
-        stack = [(root, iter(sorted(root.entries.items())))]
-        while stack:
-            d, it = stack[-1]
-            for name, child in it:
-                if type(child) is Directory:
-                    stack.append((child, iter(sorted(child.entries.items()))))
-                    break
-                if child.mark > 1 and child not in first:  # type: ignore[union-attr, operator]
-                    first[child] = (d, name)  # type: ignore[index]
-            else:
-                stack.pop()
+        for d, name, leaf in fs.leaf_entries():
+            if leaf.mark > 1 and leaf not in first:  # type: ignore[operator]
+                first[leaf] = (d, name)
         if self.c is not None:
             first.update(self.c.primary)
 
