@@ -230,6 +230,20 @@ class Call:
                 self.fds[i] = -1
 
 
+class FdReader:
+    """Blocking reads from a descriptor a call received, stopped when the call is
+    cancelled (its client went away, or the daemon is stopping)."""
+
+    def __init__(self, fd: int, call: Call) -> None:
+        self.fd = fd
+        self.call = call
+
+    def read(self, n: int = -1, /) -> bytes:
+        """Up to *n* bytes (1 MiB when *n* is not positive); b"" at the end."""
+        self.call.check_cancelled()
+        return os.read(self.fd, n if n > 0 else 1 << 20)
+
+
 # ---------------------------------------------------------------------------------------------
 # IDL type checking
 

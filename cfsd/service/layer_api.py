@@ -32,8 +32,9 @@ from cfsd.oci.digest import Digest
 from cfsd.oci.finalize import finalize_image
 from cfsd.oci.layers import import_layer
 from cfsd.service import auth, identity
-from cfsd.service.binding import Call, VarlinkError
+from cfsd.service.binding import Call, FdReader, VarlinkError
 from cfsd.service.errors import OCI
+from cfsd.service.oci_image_api import layer_verity
 from cfsd.service.repository_api import require_writer
 from cfsd.service.state import State
 
@@ -64,18 +65,6 @@ def _produce(reader: Any, objects_fd: int, out: int) -> None:
         os.close(objects_fd)
         os.close(out)
         _producers.release()
-
-
-class _PipeReader:
-    """Reads of the PutLayer pipe that stop when the call is cancelled."""
-
-    def __init__(self, fd: int, call: Call) -> None:
-        self.fd = fd
-        self.call = call
-
-    def __call__(self, n: int) -> bytes:
-        self.call.check_cancelled()
-        return os.read(self.fd, n)
 
 
 LINK_WINDOW = 32                # file-backed chunks remembered for zero-copy (read-ahead)
@@ -231,9 +220,7 @@ class LayerTransferMethods:
         Digest.parse(diff_id)
         with self.state.use(call, handle, OCI) as h:
             repo = h.repo
-            verity = repo.has_stream(oci_image.layer_id(diff_id))
-            if verity is None:
-                raise _err("NoSuchLayer", diff_id=diff_id)
+            verity = layer_verity(repo, diff_id)
             if not _producers.acquire(blocking=False):
                 raise _err("InternalError", message="too many layer transfers in progress; "
                                                     "try again later")
@@ -297,7 +284,8 @@ class LayerTransferMethods:
 
             zc = _ZeroCopy(repo, auth.owner_identity(repo.fd, call.creds).uid) \
                 if zerocopy else None
-            decoder = Decoder(_PipeReader(call.fds[0], call), open_file,
+            stream = FdReader(call.fds[0], call)
+            decoder = Decoder(stream.read, open_file,
                               zc.remember if zc is not None else None)
             try:
                 with repo.lock.shared(), auth.as_owner(repo.fd, call.creds):
@@ -308,8 +296,7 @@ class LayerTransferMethods:
                     zc.close()
             linked = zc.hardlinked if zc is not None else 0
             if res.already_present:             # always drain, as upstream does
-                read = _PipeReader(call.fds[0], call)
-                while read(1 << 20):
+                while stream.read(1 << 20):
                     pass
             stats = res.stats
             return {"layer_verity": res.verity.hex(), "already_present": res.already_present,

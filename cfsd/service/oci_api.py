@@ -16,7 +16,7 @@ from cfsd.oci.pull import DeltaArtifact, PullOptions, pull
 from cfsd.oci.reference import InvalidReference
 from cfsd.oci.registry import AuthenticationError, Credentials, RegistryError
 from cfsd.service import auth
-from cfsd.service.binding import Call, VarlinkError
+from cfsd.service.binding import Call, FdReader, VarlinkError
 from cfsd.service.delta_api import DeltaMethods
 from cfsd.service.errors import OCI
 from cfsd.service.layer_api import LayerTransferMethods
@@ -29,19 +29,6 @@ FEATURES = ["splitdirfdstream-v0"]
 
 def _err(name: str, **params: object) -> VarlinkError:
     return VarlinkError(f"{OCI}.{name}", params)
-
-
-class _FdReader:
-    """Blocking reads from a received file descriptor, stopped when the call is cancelled
-    (its client went away, or the daemon is stopping)."""
-
-    def __init__(self, fd: int, call: Call) -> None:
-        self.fd = fd
-        self.call = call
-
-    def read(self, n: int = -1, /) -> bytes:
-        self.call.check_cancelled()
-        return os.read(self.fd, n if n > 0 else 1 << 20)
 
 
 def caller_auth_configs(call: Call, auth_file: str | None,
@@ -107,7 +94,7 @@ class OciAPI(DeltaMethods, OciImageMethods, LayerTransferMethods):
             require_writer(call, h, "import layers")
             repo = h.repo
             with repo.lock.shared(), auth.as_owner(repo.fd, call.creds):
-                res = import_layer(repo, _FdReader(call.fds[0], call), digest, name)
+                res = import_layer(repo, FdReader(call.fds[0], call), digest, name)
             return {"verity": res.verity.hex(), "already_present": res.already_present,
                     "stats": res.stats.display()}
 

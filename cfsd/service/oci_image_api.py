@@ -43,7 +43,8 @@ def _open(repo: Repository, image: str, verity: str | None = None) -> oci_image.
         raise _err("NoSuchImage", image=image) from None
 
 
-def _layer_verity(repo: Repository, diff_id: str) -> bytes:
+def layer_verity(repo: Repository, diff_id: str) -> bytes:
+    """Verity of the stored layer *diff_id* (NoSuchLayer when absent)."""
     Digest.parse(diff_id)
     verity = repo.has_stream(oci_image.layer_id(diff_id))
     if verity is None:
@@ -93,7 +94,7 @@ class OciImageMethods:
         """Size, entry count and splitstream composition of a stored layer."""
         with self.state.use(call, handle, OCI) as h:
             repo = h.repo
-            verity = _layer_verity(repo, diff_id)
+            verity = layer_verity(repo, diff_id)
             ext_n = ext_size = inline = entries = 0
             with repo.open_stream(verity=verity, content_type=TAR_LAYER) as r:
                 size = r.stream_size
@@ -118,7 +119,7 @@ class OciImageMethods:
             out = _one_fd(call, "LayerDump")
             repo = h.repo
             n = 0
-            with repo.open_stream(verity=_layer_verity(repo, diff_id),
+            with repo.open_stream(verity=layer_verity(repo, diff_id),
                                   content_type=TAR_LAYER) as r:
                 for entry, content in layer_entries(r.chunks()):
                     path = make_absolute_path(entry.path)
