@@ -506,11 +506,7 @@ class Repository:
         except (FileNotFoundError, NotADirectoryError):
             return None
         try:
-            return os.readlink(name, dir_fd=dfd)
-        except (FileNotFoundError, OSError) as e:
-            if isinstance(e, FileNotFoundError) or e.errno == errno.EINVAL:
-                return None
-            raise
+            return _readlink_at(dfd, name)
         finally:
             os.close(dfd)
 
@@ -534,8 +530,10 @@ class Repository:
     def object_of_link(self, rel: str) -> bytes | None:
         """The object a first-level ``streams/X`` or ``images/X`` symlink points at."""
         target = self.readlink(rel)
-        if target is None:
-            return None
+        return None if target is None else self._object_of_target(rel, target)
+
+    def _object_of_target(self, rel: str, target: str) -> bytes:
+        """The object named by the target ``../objects/XX/REST`` of the link *rel*."""
         if not target.startswith("../"):
             raise RepositoryError(f"{rel}: unexpected symlink target {target!r}")
         try:
@@ -553,21 +551,9 @@ class Repository:
         try:
             for cid in content_ids:
                 validate_content_id(cid)
-                try:
-                    target = os.readlink(cid, dir_fd=dfd)
-                except (FileNotFoundError, OSError) as e:
-                    if isinstance(e, FileNotFoundError) or e.errno == errno.EINVAL:
-                        out.append(None)
-                        continue
-                    raise
-                if not target.startswith("../"):
-                    raise RepositoryError(f"streams/{cid}: unexpected symlink target "
-                                          f"{target!r}")
-                try:
-                    out.append(fsverity.parse_object_path(target, self.alg))
-                except ValueError:
-                    raise RepositoryError(f"streams/{cid}: unexpected symlink target "
-                                          f"{target!r}") from None
+                target = _readlink_at(dfd, cid)
+                out.append(None if target is None
+                           else self._object_of_target(f"streams/{cid}", target))
         finally:
             os.close(dfd)
         return out
@@ -721,6 +707,18 @@ class Repository:
 
 # ---------------------------------------------------------------------------------------------
 # Module helpers
+
+
+def _readlink_at(dir_fd: int, name: str) -> str | None:
+    """Target of the symlink *name* in *dir_fd*; None if absent or not a symlink."""
+    try:
+        return os.readlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            return None
+        raise
 
 
 def _lstat_mode(dir_fd: int, name: str) -> int:
