@@ -77,7 +77,6 @@ class _ZeroCopy:
     nobody but the owner can ever change an object that way).  Anything else is copied."""
 
     def __init__(self, repo: Any, owner_uid: int) -> None:
-        self.repo = repo
         self.owner_uid = owner_uid
         self.dev = os.fstat(repo.writable_objects_fd).st_dev
         self.files: OrderedDict[int, tuple[int, int]] = OrderedDict()
