@@ -3,10 +3,8 @@ GetLayer / PutLayer / FinalizeImage through a raw varlink client passing real fd
 
 from __future__ import annotations
 
-import array
 import json
 import os
-import socket
 import struct
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ import pytest
 from tests.conftest import Daemon, run_cfsctl
 from tests.deltatools import D, F, Layout, make_tar, sha256
 from tests.otheruser import NOBODY, as_nobody, other_user_marks, run_as
+from tests.varlink_raw import Raw
 
 OCI = "org.composefs.Oci."
 REPO = "org.composefs.Repository."
@@ -27,42 +26,23 @@ LAYERS = [
 ]
 
 
-class Peer:
-    """A varlink connection that sends and receives fds (no client-side validation)."""
+class Peer(Raw):
+    """A raw varlink connection whose calls return the descriptors of the reply too."""
 
     def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(60)
-        self.sock.connect(path)
-        self.buf = b""
-        self.fds: list[int] = []
+        super().__init__(path, timeout=60)
 
-    def call(self, method: str, params: dict[str, Any], fds: list[int] | None = None,
-             **flags: Any) -> tuple[dict[str, Any], list[int]]:
-        data = json.dumps({"method": method, "parameters": params, **flags}).encode() + b"\0"
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] \
-            if fds else []
-        self.sock.sendmsg([data], anc)
-        while b"\0" not in self.buf:
-            got = array.array("i")
-            data, anc, _, _ = self.sock.recvmsg(1 << 16, socket.CMSG_SPACE(253 * 4))
-            for level, kind, cdata in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    got.frombytes(cdata[:len(cdata) - len(cdata) % 4])
-            self.fds += list(got)
-            if not data:
-                raise ConnectionError("connection closed")
-            self.buf += data
-        msg, _, self.buf = self.buf.partition(b"\0")
-        fds_out, self.fds = self.fds, []
-        return json.loads(msg), fds_out
+    def call(self, method: str, params: Any = None,  # type: ignore[override]
+             fds: list[int] | None = None, **flags: Any) -> tuple[dict[str, Any], list[int]]:
+        self.send(method, params, fds, **flags)
+        reply, got = self.recv_with_fds()
+        if reply is None:
+            raise ConnectionError("connection closed")
+        return reply, got
 
     def open(self, repo: str) -> int:
         reply, _ = self.call(REPO + "OpenRepository", {"path": repo})
         return reply["parameters"]["handle"]
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def read_all(fd: int) -> bytes:

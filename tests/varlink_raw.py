@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import json
+import os
 import socket
 from typing import Any
 
@@ -36,14 +37,29 @@ class Raw:
             msg["parameters"] = params
         self.send_raw(json.dumps(msg).encode() + b"\0", fds)
 
-    def recv(self) -> dict[str, Any] | None:
+    def recv_with_fds(self) -> tuple[dict[str, Any] | None, list[int]]:
+        """The next reply and the descriptors that came with it (None at EOF)."""
+        fds: list[int] = []
         while b"\0" not in self.buf:
-            data = self.sock.recv(1 << 16)
+            got = array.array("i")
+            data, anc, _, _ = self.sock.recvmsg(1 << 16, socket.CMSG_SPACE(253 * 4))
+            for level, kind, cdata in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    got.frombytes(cdata[:len(cdata) - len(cdata) % 4])
+            fds += got
             if not data:
-                return None
+                for fd in fds:
+                    os.close(fd)
+                return None, []
             self.buf += data
         msg, _, self.buf = self.buf.partition(b"\0")
-        return json.loads(msg)
+        return json.loads(msg), fds
+
+    def recv(self) -> dict[str, Any] | None:
+        msg, fds = self.recv_with_fds()
+        for fd in fds:
+            os.close(fd)
+        return msg
 
     def call(self, method: str, params: Any = None, fds: list[int] | None = None,
              **flags: Any) -> dict[str, Any] | None:
